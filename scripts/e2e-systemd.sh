@@ -1,0 +1,667 @@
+#!/usr/bin/env bash
+# e2e-systemd.sh - end-to-end test of app against a REAL systemd (as root).
+#
+# Boots a throw-away systemd (the host's own /lib/systemd/systemd) as PID 1 of a
+# systemd-nspawn container whose root is a copy-on-write overlay of the host's
+# "/" (writes land in a tmpfs; the host is never modified), with a private
+# network namespace (only "lo": port 8080 inside does not collide with the
+# host). Installs app there with scripts/install.sh, then runs what a user
+# runs - systemctl start/reload/restart/stop, journalctl, kill - each as a
+# check printing PASS/FAIL and its duration. All HTTP traffic stays on the
+# container's loopback.
+#
+# Usage: sudo scripts/e2e-systemd.sh
+# Environment:
+#   APP_BIN=PATH       binary to test (default: cargo build --release, then
+#                      target/release/app)
+#   E2E_CHECKS="..."   run only these checks (names: analyze activation journal
+#                      reload reload-broken kill-worker watchdog restart stop)
+#   E2E_LOAD_RATE=100  requests/s of each of the 2 load clients (curl --rate)
+#   E2E_LIFETIME=900   hard limit (s) for the sandbox, in case everything else fails
+#   E2E_VERBOSE=1      show the output of every command
+#
+# Exit status: 0 if every check passed, 1 if any failed, 2 if the sandbox
+# could not be set up. The sandbox is torn down on exit, on SIGINT/SIGTERM,
+# and - by a detached reaper process - even if this script is SIGKILLed.
+# Needs: root, systemd (252) on the host, overlayfs; installs
+# systemd-container, curl and jq with apt-get if they are missing.
+# Intentional: `A && B || fail` (fail returns 1), word-splitting pid lists,
+# single-quoted scripts run by `bash -c`, helpers called through wait_for.
+# shellcheck disable=SC2015,SC2013,SC2016,SC2317
+set -uo pipefail
+
+SELF=$(readlink -f "${BASH_SOURCE[0]}")
+SRC=$(cd "$(dirname "$SELF")/.." && pwd)
+STATE_BASE=${TMPDIR:-/tmp}
+STATE_PREFIX=app-e2e.
+LIFETIME=${E2E_LIFETIME:-900}
+LOAD_RATE=${E2E_LOAD_RATE:-100}
+VERBOSE=${E2E_VERBOSE:-0}
+ALL_CHECKS="analyze activation journal reload reload-broken kill-worker watchdog restart stop"
+CHECKS=${E2E_CHECKS:-$ALL_CHECKS}
+IN_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+STAGE=/var/tmp/app-e2e    # inside the container: units, install.sh, binary
+URL=http://127.0.0.1:8080 # app.socket's default ListenStream=, container loopback
+
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+log() { printf '[e2e] %s\n' "$*" >&2; }
+die() { printf '[e2e] ERROR: %s\n' "$*" >&2; exit 2; }
+
+# ---------------------------------------------------------------------------
+# Sandbox: state dir, overlay, private cgroup, nspawn, teardown
+# ---------------------------------------------------------------------------
+# Every run has its own state dir $STATE_BASE/app-e2e.XXXXXX holding the
+# overlay (tmpfs + overlay mount), pid files and logs; its name also names the
+# machine and the private cgroups nspawn runs in.
+
+cgroup_roots() {  # hierarchies where nspawn creates its payload/supervisor cgroups
+    if [ "$(stat -f -c %T /sys/fs/cgroup 2>/dev/null)" = cgroup2fs ]; then
+        echo /sys/fs/cgroup
+    else
+        local h
+        for h in /sys/fs/cgroup/unified /sys/fs/cgroup/systemd; do
+            mountpoint -q "$h" 2>/dev/null && echo "$h"
+        done
+    fi
+    return 0
+}
+
+sandbox_name() { local n; n=$(basename "$1"); echo "${n//./-}"; }  # machine + cgroup name
+
+pid_starttime() { awk '{ print $22 }' "/proc/$1/stat" 2>/dev/null; }
+
+owner_alive() {  # $1 = state dir: is the script that created it still running?
+    local pid st
+    read -r pid st < "$1/owner" 2>/dev/null || return 1
+    [ -n "$pid" ] && [ "$(pid_starttime "$pid")" = "$st" ]
+}
+
+is_nspawn_of() {  # $1 = pid, $2 = container root
+    [ -n "$1" ] && [ -d "/proc/$1" ] || return 1
+    [ "$(readlink "/proc/$1/exe" 2>/dev/null)" = "$(readlink -f "$(command -v systemd-nspawn)")" ] || return 1
+    { tr '\0' ' ' < "/proc/$1/cmdline"; } 2>/dev/null | grep -qF -- "-D $2 "
+}
+
+is_container_init() {  # $1 = host pid: PID 1 of a child pid namespace?
+    awk '/^NSpid:/ { exit !(NF == 3 && $3 == 1) }' "/proc/$1/status" 2>/dev/null
+}
+
+cg_pids() {  # $1 = cgroup name: host PIDs of everything in our private cgroups
+    local r
+    for r in $(cgroup_roots); do
+        [ -d "$r/$1" ] && find "$r/$1" -name cgroup.procs -exec cat {} + 2>/dev/null
+    done | sort -un
+    return 0
+}
+
+# teardown STATE: stop the container (orderly, then by force), unmount, remove
+# cgroups and the state dir. Safe to call twice and on half-built sandboxes.
+teardown() {
+    local st=$1 name root n p pids init="" i m r
+    name=$(sandbox_name "$st")
+    root=$st/root
+    [ -d "$st" ] || return 0
+    n=$(cat "$st/nspawn.pid" 2>/dev/null || true)
+    if is_nspawn_of "$n" "$root"; then
+        # 1st SIGTERM: nspawn asks systemd for an orderly halt (units stopped)
+        kill -TERM "$n" 2>/dev/null
+        for i in $(seq 1 150); do is_nspawn_of "$n" "$root" || break; sleep 0.1; done
+        if is_nspawn_of "$n" "$root"; then
+            log "teardown: orderly halt took >15s, terminating the container"
+            kill -TERM "$n" 2>/dev/null   # 2nd SIGTERM: immediate termination
+            for i in $(seq 1 30); do is_nspawn_of "$n" "$root" || break; sleep 0.1; done
+            kill -KILL "$n" 2>/dev/null
+        fi
+    fi
+    # Leftovers in our cgroups (e.g. nspawn was SIGKILLed and the container's
+    # systemd got orphaned): halt the container's PID 1, then SIGKILL the rest.
+    pids=$(cg_pids "$name")
+    for p in $pids; do is_container_init "$p" && init="$init $p"; done
+    if [ -n "$init" ]; then
+        log "teardown: halting orphaned container systemd (host PID$init)"
+        # shellcheck disable=SC2086
+        kill -s RTMIN+3 $init 2>/dev/null
+        for i in $(seq 1 100); do [ -z "$(cg_pids "$name")" ] && break; sleep 0.1; done
+    fi
+    pids=$(cg_pids "$name")
+    if [ -n "$pids" ]; then
+        # shellcheck disable=SC2086
+        kill -KILL $pids 2>/dev/null; sleep 0.3
+    fi
+    # unmount everything below the state dir, deepest first
+    for m in $(findmnt -rn -o TARGET | grep -E "^$st(/|$)" | sort -r); do
+        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || log "teardown: cannot unmount $m"
+    done
+    for r in $(cgroup_roots); do
+        [ -d "$r/$name" ] && find "$r/$name" -depth -type d -exec rmdir {} + 2>/dev/null
+        [ -d "$r/$name" ] && log "teardown: cgroup $r/$name still busy"
+    done
+    rmdir "/run/systemd/nspawn/propagate/$name" 2>/dev/null
+    if findmnt -rn -o TARGET | grep -qE "^$st(/|$)"; then
+        log "teardown: mounts below $st remain; not removing it"; return 1
+    fi
+    rm -rf --one-file-system "$st"
+    return 0
+}
+
+# Reaper mode: a detached process that tears the sandbox down once the script
+# that created it is gone (SIGKILL leaves no chance for an EXIT trap).
+if [ "${1:-}" = --reap ]; then
+    st=$2
+    while owner_alive "$st" && [ -d "$st" ]; do sleep 0.5; done
+    [ -d "$st" ] && teardown "$st"
+    exit 0
+fi
+
+cleanup_stale() {  # sandboxes of earlier runs whose script died
+    local d
+    for d in "$STATE_BASE/$STATE_PREFIX"*; do
+        [ -d "$d" ] && [ -f "$d/owner" ] || continue
+        owner_alive "$d" && continue
+        log "removing the sandbox of an earlier run that died: $d"
+        teardown "$d"
+    done
+    return 0
+}
+
+ensure_tools() {
+    local pkgs=() v
+    command -v systemd-nspawn >/dev/null || pkgs+=(systemd-container)
+    command -v curl >/dev/null || pkgs+=(curl)
+    command -v jq >/dev/null || pkgs+=(jq)
+    command -v nsenter >/dev/null || pkgs+=(util-linux)
+    [ ${#pkgs[@]} -eq 0 ] && return 0
+    log "installing ${pkgs[*]} ..."
+    # systemd-container must have the same version as systemd: ask for exactly
+    # the installed one, so that apt does not upgrade the host's systemd.
+    v=$(dpkg-query -W -f='${Version}' systemd 2>/dev/null || true)
+    local i p pinned=()
+    for p in "${pkgs[@]}"; do
+        if [ "$p" = systemd-container ] && [ -n "$v" ]; then pinned+=("$p=$v"); else pinned+=("$p"); fi
+    done
+    # --no-install-recommends: no libnss-mymachines (it edits /etc/nsswitch.conf)
+    for i in 1 2; do
+        DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends \
+            -o DPkg::Lock::Timeout=120 "${pinned[@]}" >/dev/null 2>&1 && return 0
+        DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends \
+            -o DPkg::Lock::Timeout=120 "${pkgs[@]}" >/dev/null 2>&1 && return 0
+        [ "$i" = 1 ] && { log "apt-get install failed; running apt-get update"; timeout 600 apt-get update -qq >/dev/null 2>&1; }
+    done
+    die "could not install ${pkgs[*]} (apt-get install -y --no-install-recommends ${pkgs[*]})"
+}
+
+find_binary() {
+    if [ -n "${APP_BIN:-}" ]; then
+        [ -x "$APP_BIN" ] || die "APP_BIN=$APP_BIN is not an executable"
+        BIN=$(readlink -f "$APP_BIN"); return 0
+    fi
+    local cargo user=${SUDO_USER:-root} home
+    home=$(getent passwd "$user" | cut -d: -f6)
+    cargo=$(command -v cargo || true)
+    [ -z "$cargo" ] && [ -x "$home/.cargo/bin/cargo" ] && cargo=$home/.cargo/bin/cargo
+    if [ -n "$cargo" ]; then
+        log "cargo build --release ..."
+        local t0; t0=$(now_ms)
+        if [ "$user" != root ] && [ "$(stat -c %U "$SRC")" = "$user" ]; then
+            # build as the owner of the checkout, not as root
+            runuser -u "$user" -- env PATH="$(dirname "$cargo"):$PATH" \
+                "$cargo" build --release --quiet --manifest-path "$SRC/Cargo.toml" >&2 ||
+                die "cargo build --release failed"
+        else
+            "$cargo" build --release --quiet --manifest-path "$SRC/Cargo.toml" >&2 ||
+                die "cargo build --release failed"
+        fi
+        log "cargo build --release: $(( $(now_ms) - t0 )) ms"
+    elif [ -x "$SRC/target/release/app" ]; then
+        log "cargo not found: testing the existing $SRC/target/release/app"
+    fi
+    [ -x "$SRC/target/release/app" ] || die "no binary: build with cargo build --release or set APP_BIN"
+    BIN=$SRC/target/release/app
+}
+
+nspawn_pid() { local n; n=$(cat "$STATE/nspawn.pid" 2>/dev/null) && is_nspawn_of "$n" "$ROOT" && echo "$n"; }
+
+init_pid() {  # host PID of the container's systemd
+    local n p
+    n=$(nspawn_pid) || return 1
+    for p in $(cat /proc/"$n"/task/*/children 2>/dev/null); do
+        is_container_init "$p" && { echo "$p"; return 0; }
+    done
+    return 1
+}
+
+# IN CMD...: run CMD inside the container (all its namespaces, clean env)
+IN() {
+    nsenter -t "$INIT" -a -- /usr/bin/env -i PATH="$IN_PATH" HOME=/root LANG=C.UTF-8 TERM=dumb \
+        SYSTEMD_PAGER= PAGER=cat SYSTEMD_COLORS=0 "$@"
+}
+
+boot_sandbox() {
+    local t0 r cgprocs=() n="" tp c i st=""
+    t0=$(now_ms)
+    STATE=$(mktemp -d "$STATE_BASE/${STATE_PREFIX}XXXXXX") || die "mktemp failed"
+    NAME=$(sandbox_name "$STATE")
+    ROOT=$STATE/root
+    echo "$$ $(pid_starttime $$)" > "$STATE/owner"
+    # detached reaper: tears down if this script is SIGKILLed
+    setsid bash "$SELF" --reap "$STATE" </dev/null >/dev/null 2>&1 &
+    REAPER=$!
+    mkdir -p "$STATE/ovl" "$ROOT"
+    # Copy-on-write view of the host's / (the root file system only: /work and
+    # the checkout must be on it; we copy what we need in anyway, see stage()).
+    # nspawn itself refuses -D / with --volatile=overlay, and --volatile=state
+    # trips over the pre-populated /dev, so the overlay is built by hand.
+    mount -t tmpfs -o mode=0755,size=2G "$NAME-ovl" "$STATE/ovl" || die "cannot mount tmpfs"
+    mkdir -p "$STATE/ovl/upper" "$STATE/ovl/work"
+    mount -t overlay "$NAME-root" -o "lowerdir=/,upperdir=$STATE/ovl/upper,workdir=$STATE/ovl/work" "$ROOT" ||
+        die "cannot mount overlayfs"
+    # Adjust the copy, never the host: own machine-id (else journals clash), no
+    # host timers/sockets enabled, no trace of an app installed on the host.
+    systemd-id128 new > "$ROOT/etc/machine-id"
+    echo "$NAME" > "$ROOT/etc/hostname"
+    rm -f "$ROOT"/etc/systemd/system/timers.target.wants/* "$ROOT"/etc/systemd/system/sockets.target.wants/*
+    rm -rf "$ROOT"/etc/systemd/system/app.service.d "$ROOT"/etc/systemd/system/app.socket.d \
+        "$ROOT"/etc/systemd/system/app.service "$ROOT"/etc/systemd/system/app.socket "$ROOT"/etc/app
+    # nspawn runs from private cgroups (the host has no systemd to ask for one),
+    # which is also how teardown finds everything that belongs to the sandbox.
+    for r in $(cgroup_roots); do mkdir -p "$r/$NAME"; cgprocs+=("$r/$NAME/cgroup.procs"); done
+    (
+        for c in "${cgprocs[@]}"; do echo "$BASHPID" > "$c"; done
+        # basic.target: do not start the host's enabled services (nginx, databases)
+        exec setsid bash -c 'echo $$ > "$0/timeout.pid"; exec "$@"' "$STATE" \
+            timeout -k 20 "$LIFETIME" systemd-nspawn -D "$ROOT" --boot --machine="$NAME" \
+                --register=no --keep-unit --link-journal=no --console=read-only \
+                --resolv-conf=off --timezone=off --private-network \
+                -- systemd.unit=basic.target
+    ) </dev/null >"$STATE/nspawn.log" 2>&1 &
+    for i in $(seq 1 200); do
+        tp=$(cat "$STATE/timeout.pid" 2>/dev/null || true)
+        for c in $(cat /proc/"$tp"/task/*/children 2>/dev/null); do
+            is_nspawn_of "$c" "$ROOT" && { n=$c; break; }
+        done
+        [ -n "$n" ] && break
+        sleep 0.05
+    done
+    [ -n "$n" ] || { cat "$STATE/nspawn.log" >&2; die "systemd-nspawn did not start"; }
+    echo "$n" > "$STATE/nspawn.pid"
+    for i in $(seq 1 1200); do
+        is_nspawn_of "$n" "$ROOT" || { cat "$STATE/nspawn.log" >&2; die "systemd-nspawn exited during boot"; }
+        if INIT=$(init_pid); then
+            st=$(timeout 5 nsenter -t "$INIT" -a /bin/systemctl is-system-running 2>/dev/null)
+            case "$st" in running|degraded) break ;; esac
+        fi
+        sleep 0.05
+    done
+    case "$st" in
+        running) ;;
+        degraded) log "sandbox booted 'degraded':"; IN systemctl --no-pager --failed >&2 ;;
+        *) cat "$STATE/nspawn.log" >&2; die "sandbox did not boot (state '$st')" ;;
+    esac
+    BOOT_MS=$(( $(now_ms) - t0 ))
+    log "sandbox $NAME booted in $BOOT_MS ms (container PID 1 = host PID $INIT, systemd $(IN systemctl --version | awk 'NR==1{print $2}'))"
+}
+
+# Copy the binary and the project's files into the container (into the
+# overlay's upper layer), so a concurrent cargo build on the host cannot change
+# them under our feet, then install with the project's own install.sh.
+stage_and_install() {
+    local t0 out
+    t0=$(now_ms)
+    mkdir -p "$ROOT$STAGE/scripts" "$ROOT$STAGE/systemd"
+    cp "$SRC/scripts/install.sh" "$ROOT$STAGE/scripts/"
+    cp "$SRC"/systemd/app.socket "$SRC"/systemd/app.service "$SRC"/systemd/app.toml "$ROOT$STAGE/systemd/"
+    cp "$BIN" "$ROOT$STAGE/app"
+    if ! out=$(IN "$STAGE/scripts/install.sh" --binary "$STAGE/app" 2>&1); then
+        printf '%s\n' "$out" >&2; die "scripts/install.sh failed inside the sandbox"
+    fi
+    [ "$VERBOSE" = 1 ] && printf '%s\n' "$out" | sed 's/^/    /' >&2
+    printf '%s\n' "$out" | grep -q 'daemon-reload: done' || { printf '%s\n' "$out" >&2; die "install.sh did not daemon-reload"; }
+    INSTALL_MS=$(( $(now_ms) - t0 ))
+    log "installed with scripts/install.sh + daemon-reload in $INSTALL_MS ms"
+}
+
+on_exit() {
+    local rc=$? t0
+    trap - EXIT INT TERM
+    # shellcheck disable=SC2086
+    [ -n "${LOADERS:-}" ] && kill $LOADERS 2>/dev/null
+    if [ -n "${STATE:-}" ] && [ -d "$STATE" ]; then
+        t0=$(now_ms)
+        [ -n "${REAPER:-}" ] && kill "$REAPER" 2>/dev/null
+        if teardown "$STATE"; then
+            log "sandbox torn down in $(( $(now_ms) - t0 )) ms"
+        else
+            log "teardown incomplete: see above"; [ "$rc" = 0 ] && rc=2
+        fi
+    fi
+    exit "$rc"
+}
+
+# ---------------------------------------------------------------------------
+# Check helpers
+# ---------------------------------------------------------------------------
+PASSED=0; FAILED=0; FAILED_NAMES=""
+REASON=""
+note() { printf '      %s\n' "$@"; }
+show() { [ "$VERBOSE" = 1 ] && printf '%s\n' "$@" | sed 's/^/      | /'; return 0; }
+fail() { REASON="$*"; return 1; }
+
+# run_check NAME DESCRIPTION FUNCTION
+run_check() {
+    local name=$1 desc=$2 fn=$3 t0 ms rc
+    case " $CHECKS " in *" $name "*) ;; *) return 0 ;; esac
+    REASON=""
+    t0=$(now_ms)
+    "$fn"; rc=$?
+    ms=$(( $(now_ms) - t0 ))
+    if [ "$rc" = 0 ]; then
+        PASSED=$((PASSED + 1)); printf 'PASS  %-14s %6d ms  %s\n' "$name" "$ms" "$desc"
+    else
+        FAILED=$((FAILED + 1)); FAILED_NAMES="$FAILED_NAMES $name"
+        printf 'FAIL  %-14s %6d ms  %s\n' "$name" "$ms" "$desc"
+        [ -n "$REASON" ] && printf '      reason: %s\n' "$REASON"
+    fi
+    return 0
+}
+
+prop() { IN systemctl show -p "$2" --value "$1" 2>/dev/null; }     # prop UNIT PROPERTY
+journal_cursor() { IN journalctl -u app -n 0 --show-cursor -q 2>/dev/null | sed -n 's/^-- cursor: //p'; }
+journal_since() { IN journalctl -u app --no-pager -q --after-cursor="$1" "${@:2}"; }
+
+# http PATH -> "CODE BODY" (one request, fresh connection)
+http() { IN curl -sS --max-time "${2:-10}" -w ' %{http_code}' "$URL$1" 2>&1; }
+
+app_status_json() { IN app status --json 2>/dev/null; }
+generation() {  # current generation from `app status --json`
+    app_status_json | jq -r '(.generation // .pool.generation // empty)' 2>/dev/null | head -n1
+}
+worker_pids() {  # direct children of the master = workers
+    local m; m=$(prop app.service MainPID)
+    [ -n "$m" ] && [ "$m" != 0 ] && IN ps -o pid= --ppid "$m" | tr -d ' ' | sort -n
+}
+wait_for() {  # wait_for TIMEOUT_S CMD...: poll every 0.1 s until CMD succeeds
+    local deadline=$(( $(now_ms) + $1 * 1000 )); shift
+    until "$@"; do [ "$(now_ms)" -lt "$deadline" ] || return 1; sleep 0.1; done
+}
+is_running() { [ "$(prop app.service ActiveState)/$(prop app.service SubState)" = active/running ]; }
+
+# Load: 2 clients inside the container, each a loop of curl runs (50 requests
+# per run, new connection each, --rate $LOAD_RATE/s) until a stop file exists.
+# Every request writes one line "HTTP_CODE CURL_EXIT ERROR" to the client's log.
+LOADERS=""
+load_start() {  # load_start TAG [PATH]
+    local tag=$1 path=${2:-/} i
+    LOAD_TAG=$tag
+    IN rm -f "/run/e2e-stop-$tag"
+    for i in 1 2; do
+        # shellcheck disable=SC2016
+        IN bash -c '
+            stop=$1 url=$2 rate=$3; args=()
+            for _ in $(seq 50); do args+=(-o /dev/null "$url"); done
+            while [ ! -e "$stop" ]; do
+                curl -s --max-time 20 --rate "$rate/s" -H "Connection: close" \
+                    -w "%{http_code} %{exitcode} %{errormsg}\n" "${args[@]}"
+            done' load "/run/e2e-stop-$tag" "$URL$path" "$LOAD_RATE" > "$STATE/load-$tag.$i" 2>&1 &
+        LOADERS="$LOADERS $!"
+    done
+}
+# load_stop: stop the clients, set LOAD_OK / LOAD_FAIL / LOAD_SUMMARY
+load_stop() {
+    local tag=$LOAD_TAG f
+    IN touch "/run/e2e-stop-$tag"
+    # shellcheck disable=SC2086
+    wait $LOADERS 2>/dev/null; LOADERS=""
+    f=$(cat "$STATE/load-$tag".*)
+    LOAD_OK=$(printf '%s\n' "$f" | grep -c '^200 0 ')
+    LOAD_FAIL=$(printf '%s\n' "$f" | grep -vc '^200 0 \|^$')
+    LOAD_SUMMARY="$LOAD_OK ok, $LOAD_FAIL failed"
+    if [ "$LOAD_FAIL" -gt 0 ]; then
+        LOAD_SUMMARY="$LOAD_SUMMARY ($(printf '%s\n' "$f" | grep -v '^200 0 \|^$' | sort | uniq -c | sort -rn | head -5 | sed 's/^ *//' | paste -sd ';' -))"
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------
+check_analyze() {  # systemd-analyze security + verify on the installed units
+    local out exposure vout rc
+    out=$(IN systemd-analyze security --no-pager app.service 2>&1)
+    exposure=$(printf '%s\n' "$out" | sed -n 's/.*Overall exposure level for app.service: \([0-9.]*\).*/\1/p')
+    show "$(printf '%s\n' "$out" | grep '✗')"
+    note "systemd-analyze security app.service: exposure ${exposure:-?}"
+    vout=$(IN systemd-analyze verify /etc/systemd/system/app.socket /etc/systemd/system/app.service 2>&1); rc=$?
+    [ -n "$vout" ] && note "systemd-analyze verify said:" && printf '%s\n' "$vout" | sed 's/^/      | /'
+    [ -n "$exposure" ] || fail "no exposure figure in: $(printf '%s\n' "$out" | tail -n 3)" || return 1
+    awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }' || fail "exposure $exposure > 2.0" || return 1
+    [ "$rc" = 0 ] && [ -z "$vout" ] || fail "systemd-analyze verify: rc=$rc, output not empty"
+}
+
+check_activation() {  # socket activation, status shows running + STATUS=
+    local r st t0
+    IN systemctl start app.socket || fail "systemctl start app.socket failed" || return 1
+    [ "$(prop app.socket ActiveState)" = active ] || fail "app.socket not active" || return 1
+    [ "$(prop app.service ActiveState)" = inactive ] || fail "app.service already $(prop app.service ActiveState) before the first connection" || return 1
+    t0=$(now_ms)
+    r=$(http / 15)
+    note "first curl (activation): $(( $(now_ms) - t0 )) ms: ${r//$'\n'/ }"
+    case "$r" in *" 200") ;; *) fail "curl $URL/ -> $r"; IN journalctl -u app --no-pager -n 30 | sed 's/^/      | /'; return 1 ;; esac
+    case "$r" in *"from worker"*) ;; *) fail "unexpected body: $r"; return 1 ;; esac
+    IN curl -sS -D - -o /dev/null "$URL/" | grep -qi '^x-worker:' || fail "no X-Worker header" || return 1
+    st=$(IN systemctl status --no-pager -l app.service 2>&1)
+    show "$st"
+    printf '%s\n' "$st" | grep -q 'Active: active (running)' || fail "systemctl status: not 'active (running)': $(printf '%s\n' "$st" | grep Active:)" || return 1
+    printf '%s\n' "$st" | grep -q '^ *Status: "' || fail "systemctl status shows no Status: line (STATUS=)" || return 1
+    note "$(printf '%s\n' "$st" | grep -m1 '^ *Status:' | sed 's/^ *//')"
+    note "workers: $(worker_pids | wc -l), generation $(generation)"
+}
+
+check_journal() {  # master lines, worker lines, WORKER_ID=0 filter
+    local main exp masters workers w0 other
+    main=$(prop app.service MainPID)
+    exp=$(IN journalctl -u app --no-pager -o export 2>/dev/null)
+    # one record per entry: _PID, WORKER_ID (empty if none), _SYSTEMD_UNIT
+    masters=$(printf '%s\n' "$exp" | awk -v m="$main" '
+        /^$/ { if (u && p == m && w == "") n++; p = ""; w = ""; u = 0; next }
+        /^_PID=/ { p = substr($0, 6) } /^WORKER_ID=/ { w = substr($0, 11) }
+        /^_SYSTEMD_UNIT=app.service$/ { u = 1 }
+        END { if (u && p == m && w == "") n++; print n + 0 }')
+    workers=$(printf '%s\n' "$exp" | grep -c '^WORKER_ID=')
+    note "journalctl -u app: $masters master lines (_PID=$main, no WORKER_ID), $workers worker lines (WORKER_ID=)"
+    [ "$masters" -gt 0 ] || fail "no master lines in journalctl -u app" || return 1
+    [ "$workers" -gt 0 ] || fail "no worker lines (with WORKER_ID=) in journalctl -u app" || return 1
+    exp=$(IN journalctl -u app WORKER_ID=0 --no-pager -o export 2>/dev/null)
+    w0=$(printf '%s\n' "$exp" | grep -c '^WORKER_ID=0$')
+    other=$(printf '%s\n' "$exp" | grep -c '^__CURSOR=')
+    note "journalctl -u app WORKER_ID=0: $other lines, $w0 with WORKER_ID=0"
+    show "$(IN journalctl -u app WORKER_ID=0 --no-pager -o short-precise -n 5)"
+    [ "$w0" -gt 0 ] || fail "journalctl -u app WORKER_ID=0 shows nothing" || return 1
+    [ "$w0" = "$other" ] || fail "journalctl -u app WORKER_ID=0 shows $((other - w0)) lines of others"
+}
+
+check_reload() {  # systemctl reload under load: no failed request, new generation
+    local g0 g1 main0 rc t0 ms state wgens
+    g0=$(generation); main0=$(prop app.service MainPID)
+    [ -n "$g0" ] || fail "app status --json shows no generation: $(app_status_json | head -c 300)" || return 1
+    load_start reload
+    sleep 1
+    t0=$(now_ms)
+    IN systemctl reload app; rc=$?
+    ms=$(( $(now_ms) - t0 ))
+    # right after `systemctl reload` returned: must be done already
+    g1=$(generation); state=$(prop app.service ActiveState)/$(prop app.service SubState)
+    wgens=$(app_status_json | jq -r '[.workers[]?.generation // empty] | unique | map(tostring) | join(",")' 2>/dev/null)
+    sleep 1
+    load_stop
+    note "systemctl reload app: rc=$rc, $ms ms; generation $g0 -> $g1 at return (workers' generations: ${wgens:-n/a}), state $state"
+    note "load during reload: $LOAD_SUMMARY"
+    [ "$rc" = 0 ] || fail "systemctl reload app failed (rc=$rc)" || return 1
+    [ -n "$g1" ] && [ "$g1" -gt "$g0" ] || fail "generation not advanced when systemctl reload returned ($g0 -> $g1)" || return 1
+    [ -z "$wgens" ] || [ "$wgens" = "$g1" ] || fail "workers of several generations when reload returned: $wgens" || return 1
+    [ "$state" = active/running ] || fail "state $state right after reload returned" || return 1
+    [ "$(prop app.service MainPID)" = "$main0" ] || fail "MainPID changed: reload restarted the master" || return 1
+    [ "$LOAD_OK" -gt 0 ] && [ "$LOAD_FAIL" = 0 ] || fail "failed requests during reload: $LOAD_SUMMARY"
+}
+
+check_reload_broken() {  # reload with a broken config fails, service keeps serving
+    local g0 g1 rc out t0 ms main0
+    g0=$(generation); main0=$(prop app.service MainPID)
+    IN cp /etc/app/app.toml /run/app.toml.e2e-backup
+    IN sh -c 'printf "this is [[ not = valid toml\nworkers = \"many\"\n" > /etc/app/app.toml'
+    load_start broken
+    sleep 0.5
+    t0=$(now_ms)
+    out=$(IN systemctl reload app 2>&1); rc=$?
+    ms=$(( $(now_ms) - t0 ))
+    sleep 0.5
+    load_stop
+    g1=$(generation)
+    note "systemctl reload app (broken config): rc=$rc, $ms ms: ${out//$'\n'/ }"
+    note "app's reason: $(IN journalctl -u app --no-pager -n 200 -o cat | grep -i -m3 -E 'config|toml|reload' | tail -n 2 | paste -sd '|' -)"
+    note "load during failed reload: $LOAD_SUMMARY; generation $g0 -> $g1"
+    IN cp /run/app.toml.e2e-backup /etc/app/app.toml
+    [ "$rc" != 0 ] || fail "systemctl reload succeeded with a broken config" || return 1
+    is_running || fail "service not running after the failed reload: $(prop app.service ActiveState)" || return 1
+    [ "$(prop app.service MainPID)" = "$main0" ] || fail "MainPID changed after the failed reload" || return 1
+    [ "$LOAD_OK" -gt 0 ] && [ "$LOAD_FAIL" = 0 ] || fail "failed requests: $LOAD_SUMMARY" || return 1
+    # restored config: reload works again
+    IN systemctl reload app || fail "reload after restoring the config failed" || return 1
+    case "$(http /)" in *" 200") ;; *) fail "not serving after restoring the config" ;; esac
+}
+
+check_kill_worker() {  # SIGKILL of a worker: replaced, visible in the journal
+    local before after victim cur t0 ms j n
+    before=$(worker_pids)
+    n=$(printf '%s\n' "$before" | grep -c .)
+    victim=$(printf '%s\n' "$before" | head -n1)
+    [ -n "$victim" ] || fail "no worker processes found" || return 1
+    cur=$(journal_cursor)
+    t0=$(now_ms)
+    IN kill -KILL "$victim"
+    replaced() {
+        after=$(worker_pids)
+        [ "$(printf '%s\n' "$after" | grep -c .)" = "$n" ] && ! printf '%s\n' "$after" | grep -qx "$victim"
+    }
+    wait_for 15 replaced || fail "worker $victim not replaced within 15 s (workers now: $(worker_pids | paste -sd ' ' -))" || return 1
+    ms=$(( $(now_ms) - t0 ))
+    note "worker pid $victim SIGKILLed, replaced after $ms ms (workers: $(printf '%s\n' "$before" | paste -sd ' ' -) -> $(printf '%s\n' "$after" | paste -sd ' ' -))"
+    sleep 0.3
+    j=$(journal_since "$cur" -o cat)
+    note "journal: $(printf '%s\n' "$j" | grep -m3 -E "$victim|signal|KILL|kill" | paste -sd '|' -)"
+    printf '%s\n' "$j" | grep -q "$victim" || fail "the journal does not mention the killed worker (pid $victim)" || return 1
+    case "$(http /)" in *" 200") ;; *) fail "not serving after the worker was replaced" ;; esac
+}
+
+check_watchdog() {  # SIGSTOP the master: watchdog kill + Restart=; clients wait
+    local main0 main1 nr0 cur t0 ms codes ok bad j
+    main0=$(prop app.service MainPID); nr0=$(prop app.service NRestarts)
+    cur=$(journal_cursor)
+    t0=$(now_ms)
+    IN kill -STOP "$main0"
+    # clients connecting while the master hangs, is killed and restarted: one
+    # every 0.5 s for 8 s; they must all be answered (by live workers, or by the
+    # next master after waiting in app.socket's backlog)
+    # shellcheck disable=SC2016
+    IN bash -c 'for i in $(seq 16); do
+            curl -s -o /dev/null --max-time 40 -w "%{http_code} %{exitcode} %{time_total} %{errormsg}\n" "$1" &
+            sleep 0.5
+        done; wait' clients "$URL/" > "$STATE/watchdog-clients" 2>&1 &
+    local clients=$!
+    restarted() { [ "$(prop app.service NRestarts)" -gt "$nr0" ] && is_running; }
+    if ! wait_for 40 restarted; then
+        IN kill -CONT "$main0" 2>/dev/null; wait "$clients"
+        fail "no watchdog restart within 40 s (state $(prop app.service ActiveState)/$(prop app.service SubState), NRestarts $(prop app.service NRestarts))"
+        return 1
+    fi
+    ms=$(( $(now_ms) - t0 ))
+    main1=$(prop app.service MainPID)
+    wait "$clients"
+    codes=$(cat "$STATE/watchdog-clients")
+    ok=$(printf '%s\n' "$codes" | grep -c '^200 0 ')
+    bad=$(printf '%s\n' "$codes" | grep -vc '^200 0 \|^$')
+    j=$(journal_since "$cur" -o cat)
+    note "SIGSTOP master $main0 -> restarted as $main1 after $ms ms; NRestarts $nr0 -> $(prop app.service NRestarts)"
+    note "journal: $(printf '%s\n' "$j" | grep -m2 -iE 'watchdog' | paste -sd '|' -)"
+    note "clients during the outage: $ok ok, $bad failed; slowest $(printf '%s\n' "$codes" | awk '{print $3}' | sort -n | tail -n1) s"
+    show "$codes"
+    [ "$main1" != "$main0" ] || fail "MainPID unchanged" || return 1
+    printf '%s\n' "$j" | grep -q 'Watchdog timeout' || fail "no 'Watchdog timeout' in the journal" || return 1
+    [ "$bad" = 0 ] && [ "$ok" -gt 0 ] || fail "clients failed during the outage: $(printf '%s\n' "$codes" | grep -v '^200 0 ' | sort | uniq -c | head -3 | paste -sd ';' -)"
+}
+
+check_restart() {  # systemctl restart under load: nothing refused or reset
+    local main0 main1 rc t0 ms
+    main0=$(prop app.service MainPID)
+    load_start restart
+    sleep 1
+    t0=$(now_ms)
+    IN systemctl restart app; rc=$?
+    ms=$(( $(now_ms) - t0 ))
+    sleep 1.5
+    load_stop
+    main1=$(prop app.service MainPID)
+    note "systemctl restart app: rc=$rc, $ms ms; MainPID $main0 -> $main1"
+    note "load during restart: $LOAD_SUMMARY"
+    [ "$rc" = 0 ] || fail "systemctl restart app failed" || return 1
+    [ "$main1" != "$main0" ] && is_running || fail "not running as a new master after restart" || return 1
+    [ "$LOAD_OK" -gt 0 ] && [ "$LOAD_FAIL" = 0 ] || fail "failed requests during restart: $LOAD_SUMMARY"
+}
+
+check_stop() {  # systemctl stop during a slow request: the request completes
+    local rc t0 ms r pid
+    case "$(http /)" in *" 200") ;; *) fail "not serving before the test" || return 1 ;; esac
+    IN curl -s --max-time 30 -w ' %{http_code} %{exitcode} %{time_total}' -o /dev/null "$URL/sleep?ms=2000" \
+        > "$STATE/slow" 2>&1 &
+    pid=$!
+    sleep 0.5
+    t0=$(now_ms)
+    IN systemctl stop app; rc=$?
+    ms=$(( $(now_ms) - t0 ))
+    wait "$pid"
+    r=$(cat "$STATE/slow")
+    note "systemctl stop app: rc=$rc, $ms ms; slow request (2 s, started 0.5 s before): code/exit/time:$r"
+    note "state after stop: $(prop app.service ActiveState) (Result=$(prop app.service Result)); app.socket $(prop app.socket ActiveState)"
+    [ "$rc" = 0 ] || fail "systemctl stop app failed" || return 1
+    case "$r" in " 200 0 "*) ;; *) fail "slow request did not complete: $r" || return 1 ;; esac
+    [ "$(prop app.service ActiveState)" = inactive ] || fail "app.service $(prop app.service ActiveState) after stop" || return 1
+    [ "$(prop app.service Result)" = success ] || fail "stop result $(prop app.service Result) (timeout/kill?)" || return 1
+    # the socket is still there: the next client starts the service again
+    case "$(http / 15)" in *" 200") ;; *) fail "no re-activation through app.socket after stop" ;; esac
+}
+
+# ---------------------------------------------------------------------------
+main() {
+    [ "$(id -u)" = 0 ] || die "must run as root (mounts, namespaces, cgroups): sudo $0"
+    local t_all c
+    t_all=$(now_ms)
+    for c in $CHECKS; do
+        case " $ALL_CHECKS " in *" $c "*) ;; *) die "unknown check '$c' (known: $ALL_CHECKS)" ;; esac
+    done
+    ensure_tools
+    find_binary
+    cleanup_stale
+    trap on_exit EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    boot_sandbox
+    stage_and_install
+
+    run_check analyze       "systemd-analyze security (exposure <= 2.0) and verify"          check_analyze
+    run_check activation    "start app.socket; curl activates app; status active (running) + STATUS=" check_activation
+    run_check journal       "journalctl -u app: master + worker lines; WORKER_ID=0 only worker 0" check_journal
+    run_check reload        "systemctl reload under load: 0 failed, new generation on return"   check_reload
+    run_check reload-broken "reload with a broken config fails; service keeps serving"           check_reload_broken
+    run_check kill-worker   "SIGKILL a worker: replaced, in the journal"                         check_kill_worker
+    run_check watchdog      "SIGSTOP master: watchdog kills, Restart= restarts, clients answered" check_watchdog
+    run_check restart       "systemctl restart under load: nothing refused or reset"             check_restart
+    run_check stop          "systemctl stop during a slow request: request completes"            check_stop
+
+    if [ "$FAILED" -gt 0 ]; then
+        log "failed:$FAILED_NAMES - last journal lines of app:"
+        IN journalctl -u app --no-pager -n 40 -o short-precise >&2
+    fi
+    log "total $(( $(now_ms) - t_all )) ms (boot $BOOT_MS ms, install $INSTALL_MS ms)"
+    echo "e2e: $PASSED passed, $FAILED failed"
+    [ "$FAILED" = 0 ]
+}
+
+main "$@"
