@@ -1,0 +1,760 @@
+#!/usr/bin/env bash
+# scripts/bench.sh — load-test the prefork service with wrk and (with --compare) the
+# same load, in the same run, against nginx, Node.js cluster (rr and none) and PM2.
+# Run `scripts/bench.sh --help` for the options. Everything it starts is stopped on exit.
+set -Eeuo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HERE=$ROOT/scripts/bench
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=$TARGET_DIR/bench
+CACHE=${BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/app-bench}
+
+WORKERS=2
+DURATION=5
+CONNS=1,16,64,256
+MODES=ka,close
+EVENT_DURATION=8
+EVENT_CONNS=64
+WRK_THREADS=2
+WRK_TIMEOUT=2s
+URL=""
+TARGET_PID=""
+PORT=""
+COMPARE=0
+RELOAD=0
+CHAOS=0
+QUICK=0
+JSON_OUT=""
+PNG_COPY=""
+BUILD=1
+INSTALL=1
+ONLY=""
+ACCEPT=""
+CONTROL_SOCKET=""
+KEEP_TMP=0
+APP_ARGS=()
+ORIG_ARGS="$*"
+
+usage() {
+    cat <<'EOF'
+Usage: scripts/bench.sh [options]
+
+Builds the release binary, starts `target/release/app serve --bind 127.0.0.1:PORT --workers 2`
+on a free port (checking with `ss` that the listener is really the process it started), and
+runs wrk at several concurrencies with and without keep-alive. Prints a table of req/s,
+p50/p99 latency, errors (non-2xx + socket errors), server CPU time per request (utime+stime of
+master and workers, children included, from /proc), memory (RSS and PSS from
+/proc/PID/smaps_rollup, master + workers; idle and under load), per-worker request counts
+and Jain's fairness index. Writes target/bench/results.json and target/bench/bench.png.
+
+Options:
+  --compare            also run nginx, Node cluster (NODE_CLUSTER_SCHED_POLICY=rr and none)
+                       and PM2 cluster mode, same load, same worker count, interleaved
+                       run by run; prints ratios project/reference and the issue-6 targets
+  --reload             during a load run, SIGHUP the master every second (nginx: SIGHUP,
+                       Node cluster: SIGHUP -> rolling restart, PM2: `pm2 reload`); count failures
+  --chaos              during a load run, SIGKILL a random worker every second; count failures
+  --quick              smoke mode: 3 s runs, 64 connections only, no references (< 30 s)
+  --url URL            bench a running server instead of starting one (no build); CPU and
+                       memory need its master pid: --pid PID, else found via `ss -ltnp`
+  --pid PID            master pid of the server given with --url
+  --control-socket P   control socket of the server given with --url (for `app status --json`)
+  --port N             port for the project's server (default: a free one, picked at random)
+  --workers N          worker processes for every server (default 2)
+  --duration S         seconds per load run (default 5)
+  --conns LIST         comma-separated concurrencies (default 1,16,64,256)
+  --modes LIST         ka, close or both (default ka,close); close sends `Connection: close`
+  --event-duration S   seconds per --reload/--chaos run (default 8)
+  --event-conns N      connections for --reload/--chaos runs (default 64)
+  --threads N          wrk threads (default 2; never more than the connections)
+  --accept LIST        run the project once per accept strategy (APP_ACCEPT=shared,round-robin)
+  --only LIST          restrict to these servers: app,nginx,node-rr,node-none,pm2
+  --app-arg ARG        extra argument for `app serve` (repeatable)
+  --json FILE          also write the JSON results to FILE
+  --png FILE           also copy the plot to FILE
+  --out DIR            output directory (default target/bench)
+  --no-build           do not run `cargo build --release`
+  --no-install         do not install missing tools (wrk, jq, gnuplot, nginx, pm2)
+  --keep-tmp           keep the temp dir (server logs, wrk outputs)
+  -h, --help           this text
+
+Examples:
+  scripts/bench.sh --quick
+  scripts/bench.sh --compare --json target/bench/compare.json
+  scripts/bench.sh --compare --reload --chaos --conns 64
+EOF
+}
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
+
+while [ $# -gt 0 ]; do
+    case $1 in
+    --compare) COMPARE=1 ;;
+    --reload) RELOAD=1 ;;
+    --chaos) CHAOS=1 ;;
+    --quick) QUICK=1 ;;
+    --url) URL=$2; shift ;;
+    --pid) TARGET_PID=$2; shift ;;
+    --control-socket) CONTROL_SOCKET=$2; shift ;;
+    --port) PORT=$2; shift ;;
+    --workers) WORKERS=$2; shift ;;
+    --duration) DURATION=$2; shift ;;
+    --conns) CONNS=$2; shift ;;
+    --modes) MODES=$2; shift ;;
+    --event-duration) EVENT_DURATION=$2; shift ;;
+    --event-conns) EVENT_CONNS=$2; shift ;;
+    --threads) WRK_THREADS=$2; shift ;;
+    --accept) ACCEPT=$2; shift ;;
+    --only) ONLY=$2; shift ;;
+    --app-arg) APP_ARGS+=("$2"); shift ;;
+    --json) JSON_OUT=$2; shift ;;
+    --png) PNG_COPY=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    --no-build) BUILD=0 ;;
+    --no-install) INSTALL=0 ;;
+    --keep-tmp) KEEP_TMP=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; die "unknown option: $1" ;;
+    esac
+    shift
+done
+
+if [ "$QUICK" = 1 ]; then
+    DURATION=3
+    CONNS=64
+    EVENT_DURATION=4
+    if [ "$COMPARE" = 1 ]; then log "--quick: references skipped"; fi
+    COMPARE=0
+fi
+IFS=, read -r -a CONN_LIST <<<"$CONNS"
+IFS=, read -r -a MODE_LIST <<<"$MODES"
+for m in "${MODE_LIST[@]}"; do case $m in ka | close) ;; *) die "--modes: ka and/or close, not '$m'" ;; esac; done
+for c in "${CONN_LIST[@]}" "$EVENT_CONNS" "$WORKERS" "$DURATION" "$EVENT_DURATION" "$WRK_THREADS"; do
+    [[ $c =~ ^[0-9]+$ && $c -gt 0 ]] || die "not a positive integer: '$c'"
+done
+
+CLK_TCK=$(getconf CLK_TCK)
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/app-bench.XXXXXX")
+mkdir -p "$OUT"
+RESULTS=$TMP/runs.jsonl
+EVENTS=$TMP/events.jsonl
+IDLE=$TMP/idle.jsonl
+: >"$RESULTS"
+: >"$EVENTS"
+: >"$IDLE"
+
+# ---------------------------------------------------------------- servers' state
+SERVERS=()            # names, in run order
+declare -A S_KIND     # app | nginx | node | pm2 | url
+declare -A S_PORT S_URL S_PID S_DIR S_SOCK S_STATUS S_POLICY S_ACCEPT
+USED_PORTS=()
+BG_PIDS=()
+
+# ---------------------------------------------------------------- cleanup
+stop_server() {
+    local name=$1 root=${S_PID[$1]:-} kind=${S_KIND[$1]} i pids
+    [ -n "$root" ] || return 0
+    case $kind in
+    url) return 0 ;;
+    pm2)
+        PM2_HOME=${S_DIR[$name]}/pm2 "$PM2" kill >/dev/null 2>&1 || true
+        ;;
+    esac
+    pids=$(tree_pids "$root")
+    kill -TERM "$root" 2>/dev/null || true
+    for i in $(seq 1 50); do
+        kill -0 "$root" 2>/dev/null || break
+        sleep 0.1
+    done
+    # whatever is left of the tree (a master that ignored TERM, orphaned workers)
+    for p in $pids; do kill -KILL "$p" 2>/dev/null || true; done
+    wait "$root" 2>/dev/null || true
+    S_PID[$name]=""
+}
+
+cleanup() {
+    local rc=$? n p
+    trap - EXIT INT TERM
+    for p in "${BG_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for n in "${SERVERS[@]}"; do stop_server "$n" || true; done
+    if [ "$KEEP_TMP" = 1 ]; then log "temp dir kept: $TMP"; else rm -rf "$TMP"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- tools
+APT_UPDATED=0
+apt_install() {
+    [ "$INSTALL" = 1 ] || return 1
+    command -v apt-get >/dev/null || return 1
+    [ "$(id -u)" = 0 ] || { log "not root: cannot apt-get install $*"; return 1; }
+    if [ "$APT_UPDATED" = 0 ]; then
+        log "apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 || true
+        APT_UPDATED=1
+    fi
+    log "apt-get install -y $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1
+}
+need() { # need CMD PKG...: make CMD available or die
+    local cmd=$1 pkg
+    shift
+    command -v "$cmd" >/dev/null && return 0
+    for pkg in "$@"; do apt_install "$pkg" && command -v "$cmd" >/dev/null && return 0; done
+    die "$cmd is missing (apt-get install $*)"
+}
+need wrk wrk
+need jq jq
+need curl curl
+need ss iproute2
+need ps procps
+if ! command -v gnuplot >/dev/null; then apt_install gnuplot-nox || log "gnuplot missing: no plot"; fi
+
+# ---------------------------------------------------------------- /proc helpers
+tree_pids() { # root and all its descendants, one per line
+    [ -d "/proc/$1" ] || return 0
+    ps -e -o pid=,ppid= | awk -v r="$1" '
+        { par[$1] = $2; ids[NR] = $1 }
+        END {
+            t[r] = 1; changed = 1
+            while (changed) {
+                changed = 0
+                for (i in ids) { x = ids[i]; if (!(x in t) && (par[x] in t)) { t[x] = 1; changed = 1 } }
+            }
+            for (x in t) print x
+        }'
+}
+child_pids() { ps --ppid "$1" -o pid= 2>/dev/null | tr -d ' ' || true; }
+cpu_ticks() { # utime+stime+cutime+cstime summed over the given pids
+    local total=0 p s
+    local -a f
+    for p in "$@"; do
+        s=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+        s=${s##*) }
+        read -r -a f <<<"$s"
+        total=$((total + f[11] + f[12] + f[13] + f[14]))
+    done
+    echo "$total"
+}
+proc_ticks_json() { # {"pid": utime+stime, ...} for the given pids
+    local p s out=""
+    local -a f
+    for p in "$@"; do
+        s=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+        s=${s##*) }
+        read -r -a f <<<"$s"
+        out+="\"$p\":$((f[11] + f[12])),"
+    done
+    echo "{${out%,}}"
+}
+mem_json() { # {"rss_kb":..,"pss_kb":..,"procs":..} summed over the tree of $1
+    local p n=0 files=()
+    for p in $(tree_pids "$1"); do
+        [ -r "/proc/$p/smaps_rollup" ] && files+=("/proc/$p/smaps_rollup") && n=$((n + 1))
+    done
+    if [ "$n" = 0 ]; then echo '{"rss_kb":null,"pss_kb":null,"procs":0}'; return; fi
+    cat "${files[@]}" 2>/dev/null | awk -v n="$n" '
+        /^Rss:/ { r += $2 } /^Pss:/ { p += $2 }
+        END { printf "{\"rss_kb\":%d,\"pss_kb\":%d,\"procs\":%d}\n", r, p, n }'
+}
+listener_pids() { ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u || true; }
+
+pick_port() { # sets PICKED to a port nobody listens on
+    local p i
+    for i in $(seq 1 500); do
+        p=$((20000 + RANDOM % 30000))
+        [[ " ${USED_PORTS[*]} " == *" $p "* ]] && continue
+        if [ -z "$(ss -ltnH "sport = :$p" 2>/dev/null)" ]; then
+            USED_PORTS+=("$p")
+            PICKED=$p
+            return 0
+        fi
+    done
+    die "no free port found"
+}
+
+check_owner() { # every listener on the server's port must be in the tree we started
+    local name=$1 port=${S_PORT[$1]} root=${S_PID[$1]} tree p pids
+    pids=$(listener_pids "$port")
+    [ -n "$pids" ] || die "$name: nothing listens on port $port"
+    tree=$(tree_pids "$root")
+    for p in $pids; do
+        if ! grep -qx "$p" <<<"$tree"; then
+            die "$name: port $port is (also) held by pid $p ($(cat /proc/"$p"/comm 2>/dev/null)), not by the server we started (pid $root)"
+        fi
+    done
+    log "$name: port $port belongs to pid(s) $(echo $pids) in the tree of $root"
+}
+
+wait_ready() { # wait for 200 on the server's URL while its root process lives
+    local name=$1 url=${S_URL[$1]} root=${S_PID[$1]} i code
+    for i in $(seq 1 300); do
+        if [ -n "$root" ] && ! kill -0 "$root" 2>/dev/null; then
+            log "$name exited during startup; its log:"
+            tail -n 30 "${S_DIR[$name]}/log" >&2 2>/dev/null || true
+            die "$name did not start"
+        fi
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null || true)
+        if [ "$code" = 200 ]; then return 0; fi
+        sleep 0.05
+    done
+    tail -n 30 "${S_DIR[$name]}/log" >&2 2>/dev/null || true
+    die "$name: no 200 from $url within 15 s"
+}
+
+wait_workers() { # the tree must show the master plus N workers (nginx: N workers, pm2: N apps)
+    local name=$1 i n
+    for i in $(seq 1 100); do
+        n=$(child_pids "${S_PID[$name]}" | wc -l)
+        [ "$n" -ge "$WORKERS" ] && return 0
+        sleep 0.1
+    done
+    log "warning: $name has $n worker processes, expected $WORKERS"
+}
+
+# ---------------------------------------------------------------- servers
+add_server() { # name kind
+    SERVERS+=("$1")
+    S_KIND[$1]=$2
+    S_DIR[$1]=$TMP/$1
+    mkdir -p "$TMP/$1"
+}
+
+APP_BIN=$TARGET_DIR/release/app
+start_app() {
+    local name=$1 dir=${S_DIR[$1]} port args=()
+    if [ -n "$PORT" ] && [ "$name" = "${SERVERS[0]}" ]; then
+        [ -z "$(ss -ltnH "sport = :$PORT")" ] || die "port $PORT is already in use: $(ss -ltnpH "sport = :$PORT")"
+        port=$PORT
+        USED_PORTS+=("$port")
+    else
+        pick_port
+        port=$PICKED
+    fi
+    S_PORT[$name]=$port
+    S_URL[$name]=http://127.0.0.1:$port/
+    S_SOCK[$name]=$dir/control.sock
+    args=(serve --bind "127.0.0.1:$port" --workers "$WORKERS")
+    if "$APP_BIN" serve --help 2>&1 | grep -q -- '--control-socket'; then
+        args+=(--control-socket "$dir/control.sock")
+    fi
+    local envs=(RUNTIME_DIRECTORY="$dir" XDG_RUNTIME_DIR="$dir")
+    [ -n "${S_ACCEPT[$name]:-}" ] && envs+=(APP_ACCEPT="${S_ACCEPT[$name]}")
+    log "$name: ${envs[*]} $APP_BIN ${args[*]} ${APP_ARGS[*]}"
+    (cd "$dir" && exec env -u NOTIFY_SOCKET -u LISTEN_FDS -u LISTEN_PID "${envs[@]}" "$APP_BIN" "${args[@]}" "${APP_ARGS[@]}") >"$dir/log" 2>&1 &
+    S_PID[$name]=$!
+}
+
+start_nginx() {
+    local name=$1 dir=${S_DIR[$1]}
+    pick_port
+    S_PORT[$name]=$PICKED
+    S_URL[$name]=http://127.0.0.1:$PICKED/
+    mkdir -p "$dir/logs"
+    sed -e "s|@PREFIX@|$dir|g" -e "s|@PORT@|$PICKED|g" -e "s|@WORKERS@|$WORKERS|g" \
+        "$HERE/nginx.conf.in" >"$dir/nginx.conf"
+    log "$name: $NGINX -p $dir/ -c $dir/nginx.conf -e $dir/error.log -g 'daemon off;'"
+    (cd "$dir" && exec "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log" -g 'daemon off;') >"$dir/log" 2>&1 &
+    S_PID[$name]=$!
+}
+
+start_node() {
+    local name=$1 dir=${S_DIR[$1]}
+    pick_port
+    S_PORT[$name]=$PICKED
+    S_URL[$name]=http://127.0.0.1:$PICKED/
+    log "$name: NODE_CLUSTER_SCHED_POLICY=${S_POLICY[$name]} PORT=$PICKED WORKERS=$WORKERS node $HERE/node-cluster.js"
+    (cd "$dir" && exec env NODE_ENV=production NODE_CLUSTER_SCHED_POLICY="${S_POLICY[$name]}" PORT="$PICKED" \
+        WORKERS="$WORKERS" node "$HERE/node-cluster.js") >"$dir/log" 2>&1 &
+    S_PID[$name]=$!
+}
+
+start_pm2() {
+    local name=$1 dir=${S_DIR[$1]}
+    pick_port
+    S_PORT[$name]=$PICKED
+    S_URL[$name]=http://127.0.0.1:$PICKED/
+    mkdir -p "$dir/pm2"
+    log "$name: PM2_HOME=$dir/pm2 pm2 start $HERE/pm2.config.js (cluster, -i $WORKERS, port $PICKED)"
+    (cd "$dir" && PM2_HOME=$dir/pm2 BENCH_PORT=$PICKED BENCH_WORKERS=$WORKERS "$PM2" start "$HERE/pm2.config.js" --no-color) >"$dir/log" 2>&1 ||
+        { cat "$dir/log" >&2; die "pm2 start failed"; }
+    S_PID[$name]=$(cat "$dir/pm2/pm2.pid")
+}
+
+status_json() { # per-worker requests of the project's server, [] when unavailable
+    local name=$1 sock=${S_SOCK[$1]:-}
+    [ -n "$sock" ] && [ -n "${APP_STATUS_BIN:-}" ] || { echo '[]'; return; }
+    "$APP_STATUS_BIN" status --json --control-socket "$sock" 2>/dev/null |
+        jq -c '[.workers[]? | {id: (.id|tostring), pid, requests}] | map(select(.requests != null))' 2>/dev/null || echo '[]'
+}
+
+# ---------------------------------------------------------------- which servers
+if [ -n "$URL" ]; then
+    add_server url url
+    S_URL[url]=$URL
+    hostport=${URL#*://}
+    hostport=${hostport%%/*}
+    S_PORT[url]=${hostport##*:}
+    if [ -n "$TARGET_PID" ]; then
+        S_PID[url]=$TARGET_PID
+    else
+        pids=$(listener_pids "${S_PORT[url]}")
+        for p in $pids; do # the listener whose parent is not a listener: the master
+            pp=$(ps -o ppid= -p "$p" | tr -d ' ')
+            grep -qx "$pp" <<<"$pids" || { S_PID[url]=$p; break; }
+        done
+        [ -n "${S_PID[url]:-}" ] && log "url: master pid ${S_PID[url]} (from ss)" || log "url: no local pid found: CPU and memory not measured"
+    fi
+    if [ -n "$CONTROL_SOCKET" ]; then
+        S_SOCK[url]=$CONTROL_SOCKET
+        APP_STATUS_BIN=$APP_BIN
+    fi
+    BUILD=0
+fi
+
+want() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+
+if [ -z "$URL" ] && want app; then
+    if [ "$BUILD" = 1 ]; then
+        log "cargo build --release"
+        (cd "$ROOT" && cargo build --release) >&2 || die "cargo build --release failed"
+    fi
+    [ -x "$APP_BIN" ] || die "$APP_BIN not found (build it, or use --url)"
+    APP_STATUS_BIN=$APP_BIN
+    if [ -n "$ACCEPT" ]; then
+        IFS=, read -r -a accepts <<<"$ACCEPT"
+        for a in "${accepts[@]}"; do
+            add_server "app-$a" app
+            S_ACCEPT[app-$a]=$a
+        done
+    else
+        add_server app app
+    fi
+fi
+
+if [ "$COMPARE" = 1 ]; then
+    if want nginx; then
+        NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+        [ -x "$NGINX" ] || apt_install nginx-light || apt_install nginx || true
+        NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+        if [ -x "$NGINX" ]; then add_server nginx nginx; else log "nginx unavailable: skipped"; fi
+    fi
+    if want node-rr || want node-none || want pm2; then
+        command -v node >/dev/null || apt_install nodejs npm || true
+    fi
+    if command -v node >/dev/null; then
+        if want node-rr; then add_server node-rr node; S_POLICY[node-rr]=rr; fi
+        if want node-none; then add_server node-none node; S_POLICY[node-none]=none; fi
+        if want pm2; then
+            PM2=$(command -v pm2 || true)
+            if [ -z "$PM2" ] && [ -x "$CACHE/npm/node_modules/.bin/pm2" ]; then PM2=$CACHE/npm/node_modules/.bin/pm2; fi
+            if [ -z "$PM2" ] && [ "$INSTALL" = 1 ] && command -v npm >/dev/null; then
+                log "npm install pm2 into $CACHE/npm"
+                mkdir -p "$CACHE/npm"
+                (cd "$CACHE/npm" && npm install --prefix . --no-audit --no-fund --loglevel=error pm2) >&2 || true
+                [ -x "$CACHE/npm/node_modules/.bin/pm2" ] && PM2=$CACHE/npm/node_modules/.bin/pm2
+            fi
+            if [ -n "$PM2" ]; then add_server pm2 pm2; else log "pm2 unavailable: skipped"; fi
+        fi
+    else
+        log "node unavailable: Node cluster and PM2 skipped"
+    fi
+fi
+[ "${#SERVERS[@]}" -gt 0 ] || die "no server to bench"
+
+# ---------------------------------------------------------------- start them all
+for n in "${SERVERS[@]}"; do
+    case ${S_KIND[$n]} in
+    app) start_app "$n" ;;
+    nginx) start_nginx "$n" ;;
+    node) start_node "$n" ;;
+    pm2) start_pm2 "$n" ;;
+    url) continue ;;
+    esac
+    wait_ready "$n"
+    wait_workers "$n"
+    check_owner "$n"
+done
+for n in "${SERVERS[@]}"; do
+    if [ "${S_KIND[$n]}" = app ] || [ "${S_KIND[$n]}" = url ]; then
+        if [ "$(status_json "$n")" != '[]' ]; then S_STATUS[$n]=1; else S_STATUS[$n]=0; fi
+        if [ "${S_KIND[$n]}" = app ] && [ "${S_STATUS[$n]}" = 0 ]; then
+            log "$n: \`app status --json\` gives no per-worker requests yet: fairness from a sample of X-Worker headers"
+        fi
+    fi
+done
+
+sleep 1 # settle before measuring idle memory
+for n in "${SERVERS[@]}"; do
+    [ -n "${S_PID[$n]:-}" ] || continue
+    jq -cn --arg server "$n" --argjson mem "$(mem_json "${S_PID[$n]}")" \
+        --argjson workers "$(child_pids "${S_PID[$n]}" | wc -l)" \
+        '{server: $server, workers: $workers} + $mem' >>"$IDLE"
+done
+
+# ---------------------------------------------------------------- one load run
+xworker_sample() { # counts of X-Worker over 200 fresh connections -> {"id": n}
+    curl -s -o /dev/null -H 'Connection: close' --max-time 10 -w '%header{x-worker}\n' "$1?bench_sample=[1-200]" 2>/dev/null |
+        jq -Rsc 'split("\n") | map(select(length > 0)) | group_by(.) | map({key: .[0], value: length}) | from_entries' || echo '{}'
+}
+
+do_event() { # one reload or chaos action against a server
+    local name=$1 what=$2 root=${S_PID[$1]} victims v
+    case $what in
+    reload)
+        if [ "${S_KIND[$name]}" = pm2 ]; then
+            PM2_HOME=${S_DIR[$name]}/pm2 "$PM2" reload bench >/dev/null 2>&1 || true
+        else
+            kill -HUP "$root" 2>/dev/null || true
+        fi
+        ;;
+    chaos)
+        mapfile -t victims < <(child_pids "$root")
+        [ "${#victims[@]}" -gt 0 ] || return 0
+        v=${victims[RANDOM % ${#victims[@]}]}
+        kill -KILL "$v" 2>/dev/null || true
+        ;;
+    esac
+}
+
+event_loop() { # do_event every second while wrk runs; prints the number of events
+    local name=$1 what=$2 dur=$3 n=0 end
+    end=$((SECONDS + dur - 1))
+    sleep 0.5
+    while [ "$SECONDS" -lt "$end" ]; do
+        do_event "$name" "$what"
+        n=$((n + 1))
+        sleep 1
+    done
+    echo "$n"
+}
+
+run_load() { # name mode conns duration [event] -> appends a JSON object to RESULTS or EVENTS
+    local name=$1 mode=$2 conns=$3 dur=$4 event=${5:-} root=${S_PID[$1]:-} url=${S_URL[$1]}
+    local threads=$WRK_THREADS base=$TMP/$1.$2.$3${5:+.$5}
+    local hdr=() t0=null t1=null w0='{}' w1='{}' s0='[]' s1='[]' memf=$base.mem xwf=$base.xw evf=$base.ev
+    local bgs=() wrkjson rc=0 pids
+    [ "$threads" -le "$conns" ] || threads=$conns
+    [ "$mode" = close ] && hdr=(-H 'Connection: close')
+    echo '{}' >"$memf"
+    echo 'null' >"$xwf"
+    echo 0 >"$evf"
+    if [ -n "$root" ]; then
+        pids=$(tree_pids "$root")
+        t0=$(cpu_ticks $pids)
+        w0=$(proc_ticks_json $(child_pids "$root"))
+        (sleep "$(awk -v d="$dur" 'BEGIN { print d * 0.6 }')" && mem_json "$root" >"$memf") &
+        bgs+=($!)
+    fi
+    if [ "${S_STATUS[$name]:-0}" = 1 ]; then
+        s0=$(status_json "$name")
+    elif [ "${S_KIND[$name]}" = app ] && [ -z "$event" ]; then
+        (sleep "$(awk -v d="$dur" 'BEGIN { print d * 0.3 }')" && xworker_sample "$url" >"$xwf") &
+        bgs+=($!)
+    fi
+    if [ -n "$event" ]; then
+        event_loop "$name" "$event" "$dur" >"$evf" &
+        bgs+=($!)
+    fi
+    BG_PIDS=("${bgs[@]}")
+    wrk -t"$threads" -c"$conns" -d"${dur}s" --timeout "$WRK_TIMEOUT" -s "$HERE/wrk-report.lua" "${hdr[@]}" "$url" >"$base.wrk" 2>&1 || rc=$?
+    for p in "${bgs[@]}"; do wait "$p" 2>/dev/null || true; done
+    BG_PIDS=()
+    if [ -n "$root" ]; then
+        if [ "$event" = chaos ] || [ "$event" = reload ]; then sleep 1.5; fi # let the pool heal before reading it
+        pids=$(tree_pids "$root")
+        t1=$(cpu_ticks $pids)
+        w1=$(proc_ticks_json $(child_pids "$root"))
+    fi
+    [ "${S_STATUS[$name]:-0}" = 1 ] && s1=$(status_json "$name")
+    wrkjson=$(sed -n 's/^WRKJSON //p' "$base.wrk" | tail -n 1)
+    if [ -z "$wrkjson" ]; then
+        log "$name $mode c=$conns: wrk failed (rc $rc):"
+        sed 's/^/    /' "$base.wrk" >&2
+        wrkjson='{"requests":0,"duration_us":1,"err_connect":0,"err_read":0,"err_write":0,"err_timeout":0,"err_status":0}'
+    fi
+    local alive=true
+    [ -z "$root" ] || kill -0 "$root" 2>/dev/null || alive=false
+    jq -cn --arg server "$name" --arg mode "$mode" --argjson conns "$conns" --argjson threads "$threads" \
+        --argjson dur "$dur" --arg event "$event" --argjson w "$wrkjson" --argjson t0 "$t0" --argjson t1 "$t1" \
+        --argjson clk "$CLK_TCK" --argjson w0 "$w0" --argjson w1 "$w1" --argjson s0 "$s0" --argjson s1 "$s1" \
+        --argjson mem "$(cat "$memf")" --argjson xw "$(cat "$xwf")" --argjson events "$(cat "$evf")" \
+        --argjson alive "$alive" --argjson nworkers "$( [ -n "$root" ] && child_pids "$root" | wc -l || echo null)" '
+        def jain: if length == 0 then null else (add) as $s | (map(. * .) | add) as $q
+                  | if $q == 0 then null else ($s * $s) / (length * $q) end end;
+        ($w.err_connect + $w.err_read + $w.err_write + $w.err_timeout) as $sock
+        | ($w.requests / ($w.duration_us / 1e6)) as $rps
+        | (if $t0 != null and $t1 != null and $w.requests > 0
+             then ($t1 - $t0) / $clk * 1e6 / $w.requests else null end) as $cpu
+        # per-worker requests: deltas of `app status --json`, matched by worker id and pid
+        | ([$s1[] as $b | ($s0[] | select(.id == $b.id and .pid == $b.pid) | .requests) as $a
+            | {id: $b.id, requests: ($b.requests - $a)}]) as $req
+        | (if ($req | length) > 0 then {src: "status", counts: ($req | map(.requests))}
+           elif $xw != null and ($xw | length) > 0 then {src: "x-worker sample", counts: ($xw | to_entries | sort_by(.key) | map(.value))}
+           else {src: null, counts: []} end) as $fr
+        | ([$w1 | to_entries[] | select($w0[.key] != null) | .value - $w0[.key]]) as $wcpu
+        | {server: $server, mode: $mode, keepalive: ($mode == "ka"), conns: $conns, wrk_threads: $threads,
+           duration_s: ($w.duration_us / 1e6), event: (if $event == "" then null else $event end), events: $events,
+           requests: $w.requests, rps: $rps,
+           p50_ms: (if $w.lat_p50_us then $w.lat_p50_us / 1000 else null end),
+           p90_ms: (if $w.lat_p90_us then $w.lat_p90_us / 1000 else null end),
+           p99_ms: (if $w.lat_p99_us then $w.lat_p99_us / 1000 else null end),
+           p999_ms: (if $w.lat_p999_us then $w.lat_p999_us / 1000 else null end),
+           max_ms: (if $w.lat_max_us then $w.lat_max_us / 1000 else null end),
+           errors: ($w.err_status + $sock), err_status: $w.err_status, err_socket: $sock,
+           err_detail: {connect: $w.err_connect, read: $w.err_read, write: $w.err_write, timeout: $w.err_timeout},
+           cpu_s: (if $t0 != null and $t1 != null then ($t1 - $t0) / $clk else null end),
+           cpu_us_per_req: $cpu,
+           loaded_rss_kb: $mem.rss_kb, loaded_pss_kb: $mem.pss_kb,
+           worker_requests: $fr.counts, fairness_src: $fr.src, fairness_req: ($fr.counts | jain),
+           worker_cpu_ticks: $wcpu, fairness_cpu: (if ($wcpu | add // 0) > 0 then ($wcpu | jain) else null end),
+           alive_after: $alive, workers_after: $nworkers}' >>"${event:+$EVENTS}${event:-$RESULTS}"
+    local last
+    last=$(tail -n 1 "${event:+$EVENTS}${event:-$RESULTS}")
+    log "$(jq -r '"\(.server) \(.mode) c=\(.conns)\(if .event then " " + .event + " x\(.events)" else "" end): \(.rps | floor) req/s, p99 \(.p99_ms) ms, errors \(.errors), cpu \(.cpu_us_per_req // "-" | if type == "number" then (. * 10 | round / 10 | tostring) else . end) us/req"' <<<"$last")"
+}
+
+# ---------------------------------------------------------------- the runs
+log "servers: ${SERVERS[*]}; workers $WORKERS; ${DURATION}s per run; conns ${CONNS}; modes ${MODES}"
+for mode in "${MODE_LIST[@]}"; do
+    for c in "${CONN_LIST[@]}"; do
+        for n in "${SERVERS[@]}"; do # interleaved: every server sees the same moment's noise
+            run_load "$n" "$mode" "$c" "$DURATION"
+            sleep 0.5
+        done
+    done
+done
+for ev in reload chaos; do
+    [ "$ev" = reload ] && [ "$RELOAD" = 0 ] && continue
+    [ "$ev" = chaos ] && [ "$CHAOS" = 0 ] && continue
+    for mode in "${MODE_LIST[@]}"; do
+        for n in "${SERVERS[@]}"; do
+            [ -n "${S_PID[$n]:-}" ] || { log "$n: no pid, --$ev skipped"; continue; }
+            run_load "$n" "$mode" "$EVENT_CONNS" "$EVENT_DURATION" "$ev"
+            sleep 0.5
+        done
+    done
+done
+
+# ---------------------------------------------------------------- report
+meta=$(jq -cn \
+    --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
+    --argjson nproc "$(nproc)" \
+    --arg kernel "$(uname -sr)" \
+    --arg mem "$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)" \
+    --arg git "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && git diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo -dirty)" \
+    --arg wrk "$(wrk -v 2>&1 | head -n 1 | awk '{ print $2 }')" \
+    --arg nginx "$( [ -n "${NGINX:-}" ] && "$NGINX" -v 2>&1 | sed 's|.*/||' || true)" \
+    --arg node "$(command -v node >/dev/null && node --version || true)" \
+    --arg pm2 "$( [ -n "${PM2:-}" ] && PM2_HOME=$TMP/pm2-version "$PM2" --version 2>/dev/null | tail -n 1 || true)" \
+    --argjson workers "$WORKERS" --argjson duration "$DURATION" --argjson threads "$WRK_THREADS" \
+    --arg cmd "scripts/bench.sh $ORIG_ARGS" \
+    '{date: $date, cpu: $cpu, nproc: $nproc, kernel: $kernel, memory: $mem, git: $git, workers: $workers,
+      command: $cmd, duration_s: $duration, wrk_threads: $threads, versions: {wrk: $wrk, nginx: $nginx, node: $node, pm2: $pm2}}')
+
+# ratios and targets are computed from the runs by one jq program
+REPORT=$OUT/results.json
+jq -n --argjson meta "$meta" --slurpfile idle "$IDLE" --slurpfile runs "$RESULTS" --slurpfile events "$EVENTS" '
+    def r3: if . == null then null else (. * 1000 | round) / 1000 end;
+    def ratio($a; $b): if $a == null or $b == null or $b == 0 then null else ($a / $b) | r3 end;
+    def find($s; $m; $c): first($runs[] | select(.server == $s and .mode == $m and .conns == $c)) // null;
+    ($runs | map(.server) | unique) as $names
+    | ($names | map(select(test("^(app|url)")))) as $apps
+    | ($names | map(select(test("^(app|url)") | not))) as $refs
+    | ([$apps[] as $a | $refs[] as $r | $runs[] | select(.server == $a) as $x
+        | find($r; $x.mode; $x.conns) as $y | select($y != null)
+        | {app: $a, ref: $r, mode: $x.mode, conns: $x.conns,
+           rps: ratio($x.rps; $y.rps), cpu_us_per_req: ratio($x.cpu_us_per_req; $y.cpu_us_per_req),
+           p99: ratio($x.p99_ms; $y.p99_ms)}]) as $ratios
+    | ([$apps[] as $a
+        | find($a; "ka"; 64) as $k | find($a; "close"; 64) as $cl
+        | find("nginx"; "ka"; 64) as $nk | find("nginx"; "close"; 64) as $nc
+        | find("node-rr"; "ka"; 64) as $rr | find("node-none"; "ka"; 64) as $nn
+        | first($idle[] | select(.server == $a)) as $id
+        | ( {target: "server CPU per request <= nginx (ka, 64)", value: ratio($k.cpu_us_per_req; $nk.cpu_us_per_req), goal: "<= 1", ok: (ratio($k.cpu_us_per_req; $nk.cpu_us_per_req) | if . == null then null else . <= 1 end)},
+            {target: "req/s >= nginx (ka, 64)", value: ratio($k.rps; $nk.rps), goal: ">= 1", ok: (ratio($k.rps; $nk.rps) | if . == null then null else . >= 1 end)},
+            {target: "req/s >= 1.6x Node cluster rr (ka, 64)", value: ratio($k.rps; $rr.rps), goal: ">= 1.6", ok: (ratio($k.rps; $rr.rps) | if . == null then null else . >= 1.6 end)},
+            {target: "req/s >= 1.6x Node cluster none (ka, 64)", value: ratio($k.rps; $nn.rps), goal: ">= 1.6", ok: (ratio($k.rps; $nn.rps) | if . == null then null else . >= 1.6 end)},
+            {target: "p99 <= 3 ms (ka, 64)", value: ($k.p99_ms | r3), goal: "<= 3 ms", ok: ($k.p99_ms | if . == null then null else . <= 3 end)},
+            {target: "no keep-alive conn/s >= 0.9x nginx (close, 64)", value: ratio($cl.rps; $nc.rps), goal: ">= 0.9", ok: (ratio($cl.rps; $nc.rps) | if . == null then null else . >= 0.9 end)},
+            {target: "fairness (Jain, requests) >= 0.95 (ka, 64)", value: ($k.fairness_req | r3), goal: ">= 0.95", ok: ($k.fairness_req | if . == null then null else . >= 0.95 end), note: $k.fairness_src},
+            {target: "idle RSS master + \($id.workers) workers <= 8 MiB", value: (if $id.rss_kb then ($id.rss_kb / 1024 | r3) else null end), goal: "<= 8 MiB", ok: (if $id.rss_kb then $id.rss_kb <= 8192 else null end)}
+          ) | . + {app: $a}]) as $targets
+    | {meta: $meta, idle: $idle, runs: $runs, events: $events, ratios: $ratios, targets: $targets}' >"$REPORT"
+[ -n "$JSON_OUT" ] && { mkdir -p "$(dirname "$JSON_OUT")"; cp "$REPORT" "$JSON_OUT"; }
+
+table() { # TSV on stdin -> aligned columns
+    awk -F'\t' '{ for (i = 1; i <= NF; i++) { c[NR, i] = $i; if (length($i) > w[i]) w[i] = length($i) } if (NF > nf) nf = NF; n = NR }
+        END { for (r = 1; r <= n; r++) { line = ""; for (i = 1; i <= nf; i++) line = line (i < nf ? sprintf("%-" w[i] "s  ", c[r, i]) : c[r, i]); sub(/ +$/, "", line); print line } }'
+}
+
+{
+    echo
+    echo "== $(jq -r '.meta | "\(.cpu), \(.nproc) CPUs, \(.memory), \(.kernel); wrk \(.versions.wrk) -t\(.wrk_threads), \(.duration_s) s per run, \(.workers) workers; git \(.git)"' "$REPORT")"
+    echo
+    echo "-- load runs (errors = non-2xx + socket errors; CPU = master+workers utime+stime per request; memory at 60% of the run)"
+    jq -r '
+        def f($d): if . == null then "-" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
+        (["server", "keep-alive", "conns", "req/s", "p50 ms", "p99 ms", "errors", "CPU us/req", "RSS MiB", "PSS MiB", "fair(req)", "fair(cpu)", "per-worker requests"] | @tsv),
+        (.runs | sort_by(.mode != "ka", .conns) | .[]
+         | [.server, (if .keepalive then "yes" else "no" end), .conns, (.rps | floor), (.p50_ms | f(3)), (.p99_ms | f(3)),
+            .errors, (.cpu_us_per_req | f(1)), (if .loaded_rss_kb then .loaded_rss_kb / 1024 else null end | f(1)),
+            (if .loaded_pss_kb then .loaded_pss_kb / 1024 else null end | f(1)), (.fairness_req | f(3)), (.fairness_cpu | f(3)),
+            (if (.worker_requests | length) > 0 then (.worker_requests | map(tostring) | join("/")) + (if .fairness_src == "status" then "" else " (" + .fairness_src + ")" end) else "-" end)]
+         | @tsv)' "$REPORT" | table
+    echo
+    echo "-- idle memory (master + workers, after start, before load)"
+    jq -r '(["server", "processes", "RSS MiB", "PSS MiB"] | @tsv),
+        (.idle[] | [.server, .procs, (if .rss_kb then (.rss_kb / 1024 * 100 | round / 100) else "-" end), (if .pss_kb then (.pss_kb / 1024 * 100 | round / 100) else "-" end)] | @tsv)' "$REPORT" | table
+    if [ "$(jq '.ratios | length' "$REPORT")" -gt 0 ]; then
+        echo
+        echo "-- ratios project/reference (req/s: >1 is better; CPU us/req and p99: <1 is better)"
+        jq -r '(["project", "reference", "keep-alive", "conns", "req/s", "CPU/req", "p99"] | @tsv),
+            (.ratios | sort_by(.ref, .mode != "ka", .conns) | .[] | [.app, .ref, (if .mode == "ka" then "yes" else "no" end), .conns, (.rps // "-"), (.cpu_us_per_req // "-"), (.p99 // "-")] | @tsv)' "$REPORT" | table
+    fi
+    if [ "$(jq '.events | length' "$REPORT")" -gt 0 ]; then
+        echo
+        echo "-- --reload / --chaos (failed = non-2xx + socket errors)"
+        jq -r '(["server", "event", "keep-alive", "conns", "events", "requests", "failed", "non-2xx", "connect", "read", "write", "timeout", "req/s", "workers after", "alive"] | @tsv),
+            (.events[] | [.server, .event, (if .keepalive then "yes" else "no" end), .conns, .events, .requests, .errors, .err_status,
+              .err_detail.connect, .err_detail.read, .err_detail.write, .err_detail.timeout, (.rps | floor), (.workers_after // "-"), .alive_after] | @tsv)' "$REPORT" | table
+    fi
+    if [ "$(jq '[.targets[] | select(.value != null)] | length' "$REPORT")" -gt 0 ]; then
+        echo
+        echo "-- issue-6 targets (one run, 2 workers, 64 connections)"
+        jq -r '(["project", "target", "value", "goal", "met"] | @tsv),
+            (.targets[] | select(.value != null) | [.app, .target, .value, .goal, (if .ok == null then "-" elif .ok then "yes" else "NO" end)] | @tsv)' "$REPORT" | table
+    fi
+    echo
+} | tee "$OUT/results.txt"
+
+# ---------------------------------------------------------------- plot
+if command -v gnuplot >/dev/null; then
+    mkdir -p "$OUT/plot"
+    names=$(jq -r '.runs | map(.server) | unique | .[]' "$REPORT")
+    for n in $names; do
+        jq -r --arg s "$n" '
+            [.runs[] | select(.server == $s)] as $r
+            | ($r | map(.conns) | unique)[] as $c
+            | [$c,
+               (first($r[] | select(.conns == $c and .mode == "ka") | .rps) // "NaN"),
+               (first($r[] | select(.conns == $c and .mode == "ka") | .p99_ms) // "NaN"),
+               (first($r[] | select(.conns == $c and .mode == "close") | .rps) // "NaN"),
+               (first($r[] | select(.conns == $c and .mode == "close") | .p99_ms) // "NaN")]
+            | map(tostring) | join(" ")' "$REPORT" >"$OUT/plot/$n.dat"
+    done
+    title=$(jq -r '.meta | "scripts/bench.sh: \(.workers) workers each, wrk -t\(.wrk_threads), \(.duration_s) s per point; \(.cpu), \(.nproc) CPUs (git \(.git))"' "$REPORT")
+    if gnuplot -e "outfile='$OUT/bench.png'; datadir='$OUT/plot'; servers='$(echo $names)'; title='${title//\'/}'" "$HERE/plot.gp" 2>"$TMP/gnuplot.err"; then
+        log "plot: $OUT/bench.png"
+        if [ -n "$PNG_COPY" ]; then mkdir -p "$(dirname "$PNG_COPY")"; cp "$OUT/bench.png" "$PNG_COPY"; log "plot copied to $PNG_COPY"; fi
+    else
+        log "gnuplot failed:"
+        cat "$TMP/gnuplot.err" >&2
+    fi
+fi
+log "results: $REPORT (table: $OUT/results.txt)${JSON_OUT:+, copied to $JSON_OUT}"

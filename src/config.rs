@@ -1,0 +1,449 @@
+//! The one settings struct, where its values come from, and what makes them valid.
+//!
+//! Sources, lowest to highest precedence (documented in the README):
+//!
+//! 1. built-in defaults;
+//! 2. the TOML file named by `--config` / `APP_CONFIG` (re-read on every reload);
+//! 3. environment variables `APP_<KEY>`;
+//! 4. command-line flags.
+//!
+//! Environment and flags are fixed for the life of the master, so on reload only the file can
+//! change anything; a flag or variable keeps overriding it. Everything is merged into
+//! [`Config`] and validated before a single worker starts: a bad value is one line naming the
+//! key, and exit code 78 (`EX_CONFIG`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::exit::Fatal;
+use crate::service;
+
+/// How workers get their connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AcceptStrategy {
+    /// Every worker accepts on the one inherited listening socket.
+    Shared,
+}
+
+/// HTTP limits applied by the worker's server setup, around the user's service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpLimits {
+    /// A client must finish sending request headers within this time.
+    #[serde(with = "duration_ms")]
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line + headers) in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Largest request body in bytes; larger gets 413.
+    pub max_body_bytes: u64,
+    /// Concurrent connections one worker serves; above it the worker stops accepting.
+    pub max_connections: usize,
+}
+
+/// Everything the master and its workers need, merged and validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub config_file: Option<PathBuf>,
+    pub workers: usize,
+    pub bind: SocketAddr,
+    pub log_level: String,
+    pub accept: AcceptStrategy,
+    pub shutdown_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub ready_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_misses: u32,
+    pub restart_limit: u32,
+    pub restart_window: Duration,
+    pub min_uptime: Duration,
+    pub max_memory: u64,
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    pub control_socket: Option<PathBuf>,
+    pub chaos: bool,
+    pub chaos_boot_crash: bool,
+    pub http: HttpLimits,
+    pub service: service::Settings,
+}
+
+/// Flags of `app serve`. Every value also reads from `APP_<KEY>`; all are optional so that
+/// the file and the defaults can fill what is not given.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (re-read on reload).
+    #[arg(long, env = "APP_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Number of workers [default: the CPUs this process may run on].
+    #[arg(long, env = "APP_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+    /// Address to bind when no socket is passed in by systemd [default: 127.0.0.1:8080].
+    #[arg(long, env = "APP_BIND", value_name = "ADDR")]
+    pub bind: Option<SocketAddr>,
+    /// Log level or filter (RUST_LOG syntax) [default: info; RUST_LOG also works].
+    #[arg(long, env = "APP_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// How workers get connections.
+    #[arg(long, env = "APP_ACCEPT", value_enum)]
+    pub accept: Option<AcceptStrategy>,
+    /// Grace period for in-flight requests on stop [default: 30s].
+    #[arg(long, env = "APP_SHUTDOWN_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub shutdown_timeout: Option<Duration>,
+    /// Grace period for a retiring worker's in-flight requests [default: 5s].
+    #[arg(long, env = "APP_DRAIN_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Option<Duration>,
+    /// How long a new generation may take to become ready on reload [default: 10s].
+    #[arg(long, env = "APP_READY_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub ready_timeout: Option<Duration>,
+    /// Interval between heartbeats to each worker [default: 1s].
+    #[arg(long, env = "APP_HEARTBEAT_INTERVAL", value_parser = parse_duration, value_name = "DURATION")]
+    pub heartbeat_interval: Option<Duration>,
+    /// Missed heartbeats in a row after which a worker is killed [default: 3].
+    #[arg(long, env = "APP_HEARTBEAT_MISSES", value_name = "N")]
+    pub heartbeat_misses: Option<u32>,
+    /// Worker restarts allowed within --restart-window before the master gives up [default: 10].
+    #[arg(long, env = "APP_RESTART_LIMIT", value_name = "N")]
+    pub restart_limit: Option<u32>,
+    /// Window for --restart-limit [default: 60s].
+    #[arg(long, env = "APP_RESTART_WINDOW", value_parser = parse_duration, value_name = "DURATION")]
+    pub restart_window: Option<Duration>,
+    /// A worker up this long resets its slot's backoff [default: 1s].
+    #[arg(long, env = "APP_MIN_UPTIME", value_parser = parse_duration, value_name = "DURATION")]
+    pub min_uptime: Option<Duration>,
+    /// Recycle a worker whose memory (PSS, else RSS) passes this, e.g. 256MiB; 0 = off [default: 0].
+    #[arg(long, env = "APP_MAX_MEMORY", value_parser = parse_size, value_name = "SIZE")]
+    pub max_memory: Option<u64>,
+    /// Recycle a worker after this many requests; 0 = off [default: 0].
+    #[arg(long, env = "APP_MAX_REQUESTS", value_name = "N")]
+    pub max_requests: Option<u64>,
+    /// Random extra requests (0..=N) added to --max-requests per worker [default: 0].
+    #[arg(long, env = "APP_MAX_REQUESTS_JITTER", value_name = "N")]
+    pub max_requests_jitter: Option<u64>,
+    /// Control socket path [default: $RUNTIME_DIRECTORY/control.sock, see README].
+    #[arg(long, env = "APP_CONTROL_SOCKET", value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Enable the /chaos/* demo routes (hang, panic, leak) used to show supervision.
+    #[arg(long, env = "APP_CHAOS")]
+    pub chaos: bool,
+    /// Make every worker crash while booting (demonstrates the restart budget).
+    #[arg(long, hide = true)]
+    pub chaos_boot_crash: bool,
+}
+
+/// The file's shape. Every key is optional; unknown keys are an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    workers: Option<usize>,
+    bind: Option<String>,
+    log_level: Option<String>,
+    accept: Option<AcceptStrategy>,
+    shutdown_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    ready_timeout: Option<String>,
+    heartbeat_interval: Option<String>,
+    heartbeat_misses: Option<u32>,
+    restart_limit: Option<u32>,
+    restart_window: Option<String>,
+    min_uptime: Option<String>,
+    max_memory: Option<SizeValue>,
+    max_requests: Option<u64>,
+    max_requests_jitter: Option<u64>,
+    control_socket: Option<PathBuf>,
+    chaos: Option<bool>,
+    #[serde(default)]
+    http: FileHttp,
+    #[serde(default)]
+    service: Option<service::Settings>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHttp {
+    header_read_timeout: Option<String>,
+    max_header_bytes: Option<SizeValue>,
+    max_body_bytes: Option<SizeValue>,
+    max_connections: Option<usize>,
+}
+
+/// A size written either as a number of bytes or as a string with a unit ("64KiB").
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn resolve(&self, key: &str) -> Result<u64, Fatal> {
+        match self {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(s) => parse_size(s).map_err(|e| invalid(key, e)),
+        }
+    }
+}
+
+fn invalid(key: &str, reason: impl std::fmt::Display) -> Fatal {
+    Fatal::config(format!("config error: {key}: {reason}"))
+}
+
+/// Parses "250ms", "5s", "1m 30s" (humantime syntax).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"500ms\" or \"5s\""))
+}
+
+/// Parses "0", "4096", "64KiB", "256MiB", "1GiB" (also K/M/G and KB/MB/GB, all powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let err = || format!("invalid size {s:?}; write e.g. \"65536\", \"64KiB\" or \"256MiB\"");
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(err()),
+    };
+    n.checked_mul(mult).ok_or_else(err)
+}
+
+fn file_duration(v: &Option<String>, key: &str) -> Result<Option<Duration>, Fatal> {
+    v.as_deref()
+        .map(|s| parse_duration(s).map_err(|e| invalid(key, e)))
+        .transpose()
+}
+
+/// Reads and parses the config file; errors name the file, the line and the key.
+fn read_file(path: &Path) -> Result<FileConfig, Fatal> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Fatal::config(format!(
+            "config error: cannot read {}: {}",
+            path.display(),
+            e
+        ))
+    })?;
+    parse_file(&text).map_err(|e| Fatal::config(format!("config error: {}: {e}", path.display())))
+}
+
+fn parse_file(text: &str) -> Result<FileConfig, String> {
+    toml::from_str::<FileConfig>(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let msg = e.message().trim().replace('\n', " ");
+        match line {
+            Some(line) => format!("line {line}: {msg}"),
+            None => msg,
+        }
+    })
+}
+
+impl Config {
+    /// Merges defaults, file, environment and flags (see the module docs) and validates.
+    /// `default_workers` is the number of CPUs the process may run on.
+    pub fn load(args: &ServeArgs, default_workers: usize) -> Result<Config, Fatal> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file, default_workers)
+    }
+
+    fn merge(args: &ServeArgs, f: FileConfig, default_workers: usize) -> Result<Config, Fatal> {
+        let bind = match (&args.bind, &f.bind) {
+            (Some(b), _) => *b,
+            (None, Some(s)) => s
+                .parse()
+                .map_err(|e| invalid("bind", format!("{s:?} is not an address:port ({e})")))?,
+            (None, None) => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+        let http = HttpLimits {
+            header_read_timeout: file_duration(&f.http.header_read_timeout, "http.header_read_timeout")?
+                .unwrap_or(Duration::from_secs(10)),
+            max_header_bytes: match &f.http.max_header_bytes {
+                Some(v) => usize::try_from(v.resolve("http.max_header_bytes")?)
+                    .map_err(|_| invalid("http.max_header_bytes", "too large"))?,
+                None => 16 * 1024,
+            },
+            max_body_bytes: match &f.http.max_body_bytes {
+                Some(v) => v.resolve("http.max_body_bytes")?,
+                None => 1 << 20,
+            },
+            max_connections: f.http.max_connections.unwrap_or(10_000),
+        };
+        let max_memory = match (args.max_memory, &f.max_memory) {
+            (Some(v), _) => v,
+            (None, Some(v)) => v.resolve("max_memory")?,
+            (None, None) => 0,
+        };
+        let cfg = Config {
+            config_file: args.config.clone(),
+            workers: args.workers.or(f.workers).unwrap_or(default_workers),
+            bind,
+            log_level: args
+                .log_level
+                .clone()
+                .or(f.log_level)
+                .unwrap_or_else(|| "info".into()),
+            accept: args.accept.or(f.accept).unwrap_or(AcceptStrategy::Shared),
+            shutdown_timeout: pick(args.shutdown_timeout, &f.shutdown_timeout, "shutdown_timeout", 30_000)?,
+            drain_timeout: pick(args.drain_timeout, &f.drain_timeout, "drain_timeout", 5_000)?,
+            ready_timeout: pick(args.ready_timeout, &f.ready_timeout, "ready_timeout", 10_000)?,
+            heartbeat_interval: pick(args.heartbeat_interval, &f.heartbeat_interval, "heartbeat_interval", 1_000)?,
+            heartbeat_misses: args.heartbeat_misses.or(f.heartbeat_misses).unwrap_or(3),
+            restart_limit: args.restart_limit.or(f.restart_limit).unwrap_or(10),
+            restart_window: pick(args.restart_window, &f.restart_window, "restart_window", 60_000)?,
+            min_uptime: pick(args.min_uptime, &f.min_uptime, "min_uptime", 1_000)?,
+            max_memory,
+            max_requests: args.max_requests.or(f.max_requests).unwrap_or(0),
+            max_requests_jitter: args.max_requests_jitter.or(f.max_requests_jitter).unwrap_or(0),
+            control_socket: args.control_socket.clone().or(f.control_socket),
+            chaos: args.chaos || f.chaos.unwrap_or(false),
+            chaos_boot_crash: args.chaos_boot_crash,
+            http,
+            service: f.service.unwrap_or_default(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), Fatal> {
+        let check = |ok: bool, key: &str, reason: String| if ok { Ok(()) } else { Err(invalid(key, reason)) };
+        check(
+            (1..=1024).contains(&self.workers),
+            "workers",
+            format!("must be between 1 and 1024 (got {})", self.workers),
+        )?;
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| invalid("log_level", format!("{:?} is not a level or filter ({e})", self.log_level)))?;
+        for (key, d) in [
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("drain_timeout", self.drain_timeout),
+            ("ready_timeout", self.ready_timeout),
+            ("restart_window", self.restart_window),
+            ("http.header_read_timeout", self.http.header_read_timeout),
+        ] {
+            check(!d.is_zero(), key, "must be greater than zero".into())?;
+        }
+        check(
+            self.heartbeat_interval >= Duration::from_millis(10),
+            "heartbeat_interval",
+            format!("must be at least 10ms (got {:?})", self.heartbeat_interval),
+        )?;
+        check(
+            self.heartbeat_misses >= 1,
+            "heartbeat_misses",
+            "must be at least 1".into(),
+        )?;
+        check(self.restart_limit >= 1, "restart_limit", "must be at least 1".into())?;
+        check(
+            self.http.max_header_bytes >= 8192,
+            "http.max_header_bytes",
+            format!("must be at least 8192 (got {})", self.http.max_header_bytes),
+        )?;
+        check(
+            self.http.max_connections >= 1,
+            "http.max_connections",
+            "must be at least 1".into(),
+        )?;
+        check(
+            self.max_memory == 0 || self.max_memory >= 1 << 20,
+            "max_memory",
+            format!("must be 0 (off) or at least 1MiB (got {} bytes)", self.max_memory),
+        )?;
+        self.service.validate().map_err(|e| invalid("service", e))?;
+        Ok(())
+    }
+}
+
+fn pick(flag: Option<Duration>, file: &Option<String>, key: &str, default_ms: u64) -> Result<Duration, Fatal> {
+    match flag {
+        Some(d) => Ok(d),
+        None => Ok(file_duration(file, key)?.unwrap_or(Duration::from_millis(default_ms))),
+    }
+}
+
+/// Durations cross the IPC channel as whole milliseconds.
+mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, args: ServeArgs) -> Result<Config, Fatal> {
+        let f = parse_file(toml).map_err(Fatal::config)?;
+        Config::merge(&args, f, 2)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = load("", ServeArgs::default()).unwrap();
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let args = ServeArgs {
+            workers: Some(3),
+            ..Default::default()
+        };
+        let c = load("workers = 5\ndrain_timeout = \"2s\"\n", args).unwrap();
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.drain_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = load("workers = 2\nwrokers = 3\n", ServeArgs::default()).unwrap_err();
+        assert_eq!(e.code, crate::exit::CONFIG);
+        assert!(e.message.contains("line 2"), "{}", e.message);
+        assert!(e.message.contains("wrokers"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (toml, key) in [
+            ("workers = 0", "workers"),
+            ("drain_timeout = \"soon\"", "drain_timeout"),
+            ("max_memory = \"12 parsecs\"", "max_memory"),
+            ("bind = \"nowhere\"", "bind"),
+            ("heartbeat_interval = \"1ms\"", "heartbeat_interval"),
+            ("[http]\nmax_header_bytes = 10", "http.max_header_bytes"),
+        ] {
+            let e = load(toml, ServeArgs::default()).unwrap_err();
+            assert!(
+                e.message.starts_with(&format!("config error: {key}:")),
+                "{toml}: {}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("10"), Ok(10));
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+}

@@ -1,0 +1,150 @@
+//! The pool: worker slots, the workers that fill them, and their generations.
+//!
+//! A *slot* is a place in the pool (worker id 0..N, pinned to one CPU); it outlives the
+//! processes that fill it. A *worker* is one process in one slot of one *generation*; a
+//! reload starts a new generation in every slot. A worker's life is
+//! `Starting → Ready → Draining → (reaped)`. A worker marked with a [`Retire`] reason is on
+//! its way out on purpose: its slot is refilled first, and only then is it told to drain.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::ipc::ToWorker;
+use crate::master::budget::Backoff;
+use crate::master::memory::Memory;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    Starting,
+    Ready,
+    Draining { deadline: Instant },
+}
+
+/// Why a worker is being retired on purpose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retire {
+    /// Over `max_memory` or `max_requests`: replaced, then drained.
+    Recycle(String),
+    /// It said it is leaving (a panic); it drains by itself.
+    Leaving(String),
+    /// Its generation was superseded by a reload.
+    Superseded,
+    /// Its generation failed to become ready during a reload.
+    RolledBack,
+    /// The pool shrank (SIGTTOU).
+    ScaledDown,
+    /// The master is stopping.
+    Shutdown,
+}
+
+pub struct Worker {
+    pub pid: i32,
+    pub slot: usize,
+    pub generation: u64,
+    pub cpu: usize,
+    pub state: WorkerState,
+    pub started: Instant,
+    pub ready_at: Option<Instant>,
+    pub last_pong: Instant,
+    pub ping_seq: u64,
+    pub requests: u64,
+    pub connections: u64,
+    pub request_limit: u64,
+    pub memory: Memory,
+    pub retire: Option<Retire>,
+    /// Set when the master SIGKILLed it, with the reason, for the exit log line.
+    pub killed: Option<String>,
+    pub tx: UnboundedSender<ToWorker>,
+}
+
+impl Worker {
+    pub fn send(&self, msg: ToWorker) {
+        // A closed channel means the worker is exiting; the reaper will see it.
+        let _ = self.tx.send(msg);
+    }
+
+    pub fn kill(&mut self, reason: String) {
+        if self.killed.is_none() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            self.killed = Some(reason);
+        }
+    }
+
+    /// Tells it to stop accepting and finish within `timeout`; the master kills it a little
+    /// after that if it has not exited.
+    pub fn drain(&mut self, timeout: Duration, now: Instant) {
+        if !matches!(self.state, WorkerState::Draining { .. }) {
+            self.send(ToWorker::drain(timeout));
+            self.state = WorkerState::Draining {
+                deadline: now + timeout + Duration::from_secs(1),
+            };
+        }
+    }
+
+    pub fn uptime(&self, now: Instant) -> Duration {
+        now.duration_since(self.started)
+    }
+
+    /// Counts toward its slot being filled: alive and not on its way out.
+    pub fn holds_slot(&self) -> bool {
+        self.retire.is_none() && self.killed.is_none()
+    }
+}
+
+pub struct Slot {
+    pub cpu: usize,
+    pub restarts: u32,
+    pub backoff: Backoff,
+    pub next_start: Instant,
+}
+
+pub struct Pool {
+    pub workers: BTreeMap<i32, Worker>,
+    pub slots: Vec<Slot>,
+    /// The generation that serves (or, before the first READY=1, that is starting).
+    pub generation: u64,
+    /// Requests served by workers that have exited, so totals do not drop.
+    pub requests_retired: u64,
+}
+
+impl Pool {
+    pub fn new() -> Pool {
+        Pool {
+            workers: BTreeMap::new(),
+            slots: Vec::new(),
+            generation: 1,
+            requests_retired: 0,
+        }
+    }
+
+    /// The worker holding `slot` in `generation`, if any.
+    pub fn holder(&self, generation: u64, slot: usize) -> Option<&Worker> {
+        self.workers
+            .values()
+            .find(|w| w.generation == generation && w.slot == slot && w.holds_slot())
+    }
+
+    /// True when every slot of `generation` is held by a ready worker.
+    pub fn generation_ready(&self, generation: u64) -> bool {
+        (0..self.slots.len()).all(|s| {
+            self.holder(generation, s)
+                .is_some_and(|w| w.state == WorkerState::Ready)
+        })
+    }
+
+    pub fn serving(&self) -> usize {
+        self.workers
+            .values()
+            .filter(|w| w.generation == self.generation && w.state == WorkerState::Ready && w.holds_slot())
+            .count()
+    }
+
+    pub fn requests_total(&self) -> u64 {
+        self.requests_retired + self.workers.values().map(|w| w.requests).sum::<u64>()
+    }
+}

@@ -1,0 +1,254 @@
+//! Graceful rollover: replacing the serving generation with a new one, without dropping a
+//! request, on SIGHUP or `app reload`.
+//!
+//! 1. `RELOADING=1` + `MONOTONIC_USEC`; re-read and validate the configuration; open the
+//!    binary now on disk. Either failing ends the reload at once, nothing touched.
+//! 2. Start a full new generation beside the old one. Both accept on the same socket, so
+//!    no connection waits.
+//! 3. When every new worker is ready, the new generation becomes the serving one and the
+//!    old one drains (`Connection: close` on its next responses, idle connections closed
+//!    after a short grace, in-flight requests finish).
+//! 4. When the old workers are gone (or killed at `drain_timeout`), `READY=1`.
+//!
+//! A new worker that exits, or a generation not ready within `ready_timeout`, rolls back:
+//! the new workers drain away, the old generation never stopped serving, and the reload
+//! fails loudly — `STATUS=` says why, `app reload` exits non-zero — while still ending with
+//! `READY=1` so the unit leaves "reloading". Reloads never interleave: one requested during
+//! a rollover is queued, and all queued requests share a single follow-up rollover.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+use super::pool::{Retire, WorkerState};
+use super::spawn::Executable;
+use super::{Master, Phase};
+use crate::config::Config;
+use crate::control::{ReloadReport, Reply};
+
+pub(super) struct Rollover {
+    pub generation: u64,
+    config: Config,
+    exe: Executable,
+    waiters: Vec<oneshot::Sender<Reply>>,
+    started: Instant,
+    step: Step,
+    /// Set by the reaper when a worker of the new generation exits before it is promoted.
+    pub failed: Option<String>,
+    last_extend: Instant,
+}
+
+enum Step {
+    Starting { deadline: Instant },
+    Draining { deadline: Instant },
+}
+
+impl Master {
+    pub(super) fn begin_rollover(&mut self, waiters: Vec<oneshot::Sender<Reply>>) {
+        let now = Instant::now();
+        self.notifier.reloading();
+        let next = self.pool.generation + 1;
+        info!("reload: starting generation {next}");
+        let config = match Config::load(&self.args, self.cpus.len()) {
+            Ok(c) => c,
+            Err(e) => return self.finish_failed(waiters, now, next, e.message),
+        };
+        if config.workers != self.config.workers {
+            // The pool size follows SIGTTIN/SIGTTOU and the start-up value; a reload keeps
+            // the current size so a scaled pool is not silently undone.
+            info!(
+                "reload: workers = {} in the new configuration; keeping the current pool of {}",
+                config.workers,
+                self.pool.slots.len()
+            );
+        }
+        let exe = match Executable::open(&self.exe.path) {
+            Ok(e) => e,
+            Err(e) => {
+                let msg = format!("cannot open {}: {e}", self.exe.path.display());
+                return self.finish_failed(waiters, now, next, msg);
+            }
+        };
+        let mut failed = None;
+        for slot in 0..self.pool.slots.len() {
+            if let Err(e) = self.spawn_worker(slot, next, Some((&config, &exe))) {
+                failed = Some(format!("cannot start new worker {slot}: {e}"));
+                break;
+            }
+        }
+        self.phase = Phase::Rolling(Box::new(Rollover {
+            generation: next,
+            step: Step::Starting {
+                deadline: now + config.ready_timeout,
+            },
+            config,
+            exe,
+            waiters,
+            started: now,
+            failed,
+            last_extend: now,
+        }));
+    }
+
+    /// Moves a rollover along; see the module docs for the steps.
+    pub(super) fn advance_rollover(&mut self, now: Instant) {
+        let Phase::Rolling(r) = &mut self.phase else { return };
+        match r.step {
+            Step::Starting { deadline } => {
+                let problem = r.failed.clone().or_else(|| {
+                    (now > deadline).then(|| {
+                        format!(
+                            "generation {} not ready within ready_timeout ({:?})",
+                            r.generation, r.config.ready_timeout
+                        )
+                    })
+                });
+                if let Some(why) = problem {
+                    return self.roll_back(why, now);
+                }
+                if self.pool.generation_ready(r.generation) {
+                    self.promote(now);
+                }
+            }
+            Step::Draining { deadline } => {
+                let old = self.pool.workers.values().any(|w| w.generation < r.generation);
+                if !old {
+                    return self.finish_ok(now);
+                }
+                if now > deadline {
+                    let g = r.generation;
+                    for w in self.pool.workers.values_mut().filter(|w| w.generation < g) {
+                        w.kill(format!(
+                            "still draining at drain_timeout, {} connection(s) cut",
+                            w.connections
+                        ));
+                    }
+                }
+                // A long drain would otherwise run into systemd's reload timeout.
+                if now.duration_since(r.last_extend) >= Duration::from_secs(1) {
+                    r.last_extend = now;
+                    let left = deadline.saturating_duration_since(now);
+                    self.notifier.extend_timeout(left + Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Every new worker is ready: they serve now, the old generation drains.
+    fn promote(&mut self, now: Instant) {
+        let Phase::Rolling(r) = &mut self.phase else { return };
+        let new = r.generation;
+        let drain = r.config.drain_timeout;
+        std::mem::swap(&mut self.config, &mut r.config);
+        std::mem::swap(&mut self.exe, &mut r.exe);
+        self.budget
+            .reconfigure(self.config.restart_limit, self.config.restart_window);
+        let old = self.pool.generation;
+        self.pool.generation = new;
+        for slot in &mut self.pool.slots {
+            slot.backoff.reset();
+        }
+        let mut n = 0;
+        for w in self.pool.workers.values_mut().filter(|w| w.generation < new) {
+            w.retire.get_or_insert(Retire::Superseded);
+            w.drain(drain, now);
+            n += 1;
+        }
+        info!(
+            "reload: generation {new} serving after {:.1} ms; draining {n} worker(s) of generation {old}",
+            now.duration_since(r.started).as_secs_f64() * 1e3
+        );
+        r.step = Step::Draining {
+            deadline: now + drain + Duration::from_secs(1),
+        };
+    }
+
+    fn roll_back(&mut self, why: String, now: Instant) {
+        let Phase::Rolling(r) = std::mem::replace(&mut self.phase, Phase::Serving) else {
+            return;
+        };
+        let drain = self.config.drain_timeout;
+        for w in self.pool.workers.values_mut().filter(|w| w.generation == r.generation) {
+            w.retire = Some(Retire::RolledBack);
+            if w.state == WorkerState::Starting {
+                w.kill("reload rolled back".into());
+            } else {
+                w.drain(drain, now);
+            }
+        }
+        self.finish_failed(r.waiters, r.started, r.generation, why);
+    }
+
+    fn finish_ok(&mut self, now: Instant) {
+        let Phase::Rolling(r) = std::mem::replace(&mut self.phase, Phase::Serving) else {
+            return;
+        };
+        let ms = now.duration_since(r.started).as_millis() as u64;
+        let message = format!("generation {} serving", r.generation);
+        info!("reload finished in {ms} ms: {message}");
+        let status = self.status_line(now);
+        self.notifier.ready(&status);
+        self.last_reload = Some(ReloadReport {
+            generation: r.generation,
+            ok: true,
+            message: message.clone(),
+            duration_ms: ms,
+        });
+        for w in r.waiters {
+            let _ = w.send(Reply {
+                ok: true,
+                message: Some(format!("{message} (reload took {ms} ms)")),
+                ..Default::default()
+            });
+        }
+        self.follow_up();
+    }
+
+    /// Ends a failed reload: the serving generation is untouched.
+    fn finish_failed(&mut self, waiters: Vec<oneshot::Sender<Reply>>, started: Instant, generation: u64, why: String) {
+        self.phase = Phase::Serving;
+        let now = Instant::now();
+        let ms = now.duration_since(started).as_millis() as u64;
+        let msg = format!(
+            "reload failed: {why}; still serving generation {}",
+            self.pool.generation
+        );
+        error!("{msg}");
+        self.notifier.ready(&msg);
+        self.last_reload = Some(ReloadReport {
+            generation,
+            ok: false,
+            message: why,
+            duration_ms: ms,
+        });
+        for w in waiters {
+            let _ = w.send(Reply::error(msg.clone()));
+        }
+        self.follow_up();
+    }
+
+    /// Starts the one rollover that serves every reload requested meanwhile.
+    fn follow_up(&mut self) {
+        if let Some(queued) = self.reload_queue.take() {
+            info!("reload: running the {} queued request(s) as one follow-up", queued.len().max(1));
+            self.begin_rollover(queued);
+        }
+    }
+
+    /// A stop during a rollover: tell the waiters; the stop drains every worker anyway.
+    pub(super) fn abort_rollover_for_stop(&mut self) {
+        let queued = self.reload_queue.take().unwrap_or_default();
+        let waiters = match std::mem::replace(&mut self.phase, Phase::Serving) {
+            Phase::Rolling(r) => r.waiters,
+            other => {
+                self.phase = other;
+                Vec::new()
+            }
+        };
+        for w in waiters.into_iter().chain(queued) {
+            warn!("reload abandoned: the service is stopping");
+            let _ = w.send(Reply::error("reload abandoned: the service is stopping"));
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Starting one worker process: fork+exec of the service's own binary.
+//!
+//! Never a bare `fork()` of the master: the child execs at once, so it starts with a clean
+//! address space and its own runtime. Between fork and exec (`pre_exec`) the child only makes
+//! async-signal-safe system calls into memory prepared beforehand:
+//!
+//! * the listening sockets land on fd 3.., the worker's end of its IPC socket pair right after
+//!   them; every other descriptor stays close-on-exec, so no earlier generation's channel or
+//!   the control socket leaks into a worker;
+//! * the CPU affinity is set to the worker's one CPU;
+//! * `PR_SET_PDEATHSIG(SIGKILL)`, then a check that the master did not die before that call
+//!   (the documented race), so no orphan ever holds the port.
+//!
+//! Workers run the binary each generation opened ([`Executable`]): a reload picks up a binary
+//! replaced on disk, while replacements in a running generation keep using that
+//! generation's binary, even if a broken one was installed meanwhile.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+
+use crate::listen::{LISTEN_FDS_START, Listener, move_high};
+
+/// The binary a generation's workers run, held open so that it survives being replaced.
+#[derive(Debug)]
+pub struct Executable {
+    fd: OwnedFd,
+    pub path: PathBuf,
+}
+
+impl Executable {
+    /// The binary this master runs (via /proc/self/exe, so even one already replaced on disk).
+    pub fn current() -> std::io::Result<Executable> {
+        let path = std::env::current_exe()?;
+        let path = strip_deleted(path);
+        let file = std::fs::File::open("/proc/self/exe")?;
+        Ok(Executable {
+            fd: move_high(file.into()).map_err(std::io::Error::other)?,
+            path,
+        })
+    }
+
+    /// Whatever is at `path` now (a reload after installing a new binary).
+    pub fn open(path: &std::path::Path) -> std::io::Result<Executable> {
+        let file = std::fs::File::open(path)?;
+        Ok(Executable {
+            fd: move_high(file.into()).map_err(std::io::Error::other)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn proc_path(&self) -> String {
+        format!("/proc/self/fd/{}", self.fd.as_raw_fd())
+    }
+}
+
+fn strip_deleted(path: PathBuf) -> PathBuf {
+    let s = path.to_string_lossy();
+    match s.strip_suffix(" (deleted)") {
+        Some(p) => PathBuf::from(p),
+        None => path,
+    }
+}
+
+/// What the master keeps of a freshly started worker.
+pub struct Spawned {
+    pub pid: i32,
+    pub channel: std::os::unix::net::UnixStream,
+}
+
+pub struct SpawnRequest<'a> {
+    pub exe: &'a Executable,
+    pub listeners: &'a [Listener],
+    pub slot: usize,
+    pub generation: u64,
+    pub cpu: usize,
+}
+
+/// Environment a worker must not inherit: it would make it think it is the one systemd
+/// talks to.
+const SCRUBBED_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
+    let (master_end, worker_end) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    let worker_end = move_high(worker_end).map_err(std::io::Error::other)?;
+
+    // Source → target descriptor moves, decided before fork. All sources are >= 100 and all
+    // targets below, so no move can clobber a source still to be moved.
+    let mut moves: Vec<(RawFd, RawFd)> = req
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.fd.as_raw_fd(), LISTEN_FDS_START + i as RawFd))
+        .collect();
+    let ipc_fd = LISTEN_FDS_START + req.listeners.len() as RawFd;
+    moves.push((worker_end.as_raw_fd(), ipc_fd));
+
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks the index.
+    let mut cpuset: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if req.cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::other(format!("CPU {} out of range", req.cpu)));
+    }
+    unsafe { libc::CPU_SET(req.cpu, &mut cpuset) };
+    let master_pid = std::process::id() as i32;
+
+    let mut cmd = Command::new(req.exe.proc_path());
+    cmd.arg0("app")
+        .arg("worker")
+        .args(["--slot", &req.slot.to_string()])
+        .args(["--generation", &req.generation.to_string()])
+        .args(["--cpu", &req.cpu.to_string()])
+        .args(["--listeners", &req.listeners.len().to_string()])
+        .stdin(Stdio::null());
+    for k in SCRUBBED_ENV {
+        cmd.env_remove(k);
+    }
+    // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl,
+    // sched_setaffinity, prctl, getppid, kill) on data prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(src, dst) in &moves {
+                if libc::dup2(src, dst) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &cpuset) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != master_pid {
+                // The master died between fork and prctl: PDEATHSIG will never fire.
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    let pid = child.id() as i32;
+    // The master reaps with waitpid(-1) itself; `Child` is only dropped (no wait, no kill).
+    drop(child);
+    drop(worker_end);
+    let channel = std::os::unix::net::UnixStream::from(master_end);
+    Ok(Spawned { pid, channel })
+}
+
+/// The CPUs this process may run on (respects cgroup cpusets and `CPUAffinity=`).
+pub fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => vec![0],
+    }
+}
+

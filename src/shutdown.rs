@@ -1,0 +1,66 @@
+//! How a worker winds down, as a value rather than flags sprinkled about.
+//!
+//! A drain has two stages, because closing an idle keep-alive connection races with a client
+//! that is just sending its next request on it (the client sees a reset; a classic cause of
+//! failed requests on reload):
+//!
+//! 1. [`Stage::Draining`]: stop accepting; every response from now on carries
+//!    `Connection: close`, so busy keep-alive connections end cleanly after their next answer;
+//! 2. [`Stage::CloseIdle`] (after a short grace): connections still open are idle, or
+//!    finishing a request; hyper closes the idle ones and lets the others finish.
+//!
+//! The [`Trigger`] is held by whoever decides (the worker's control loop); every connection
+//! and accept loop holds a cloned [`Shutdown`] and reacts to the stage it reaches.
+
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    Running,
+    Draining,
+    CloseIdle,
+}
+
+pub struct Trigger {
+    tx: watch::Sender<Stage>,
+}
+
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<Stage>,
+}
+
+pub fn channel() -> (Trigger, Shutdown) {
+    let (tx, rx) = watch::channel(Stage::Running);
+    (Trigger { tx }, Shutdown { rx })
+}
+
+impl Trigger {
+    /// Moves to `stage` (never backwards).
+    pub fn advance(&self, stage: Stage) {
+        self.tx.send_if_modified(|s| {
+            if stage > *s {
+                *s = stage;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+impl Shutdown {
+    pub fn stage(&self) -> Stage {
+        *self.rx.borrow()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.stage() >= Stage::Draining
+    }
+
+    /// Resolves once the stage is `stage` or later.
+    pub async fn reached(&mut self, stage: Stage) {
+        // An Err means the trigger is gone, i.e. the worker is exiting: treat as reached.
+        let _ = self.rx.wait_for(|s| *s >= stage).await;
+    }
+}

@@ -1,0 +1,253 @@
+//! The worker's HTTP server setup around the user's [`Service`]: accepting, limits,
+//! `X-Worker`, panics turned into 500s, and graceful drain of each connection.
+//!
+//! Limits live here, not in the service, so that every service built on the template gets
+//! them: header read timeout (slowloris), header size (431, by hyper), malformed requests
+//! (400, by hyper), body size (413), and a cap on concurrent connections per worker above
+//! which the worker simply stops accepting (the kernel's backlog holds the rest, and other
+//! workers take them) instead of failing them.
+
+use std::convert::Infallible;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http_body_util::{Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONNECTION, CONTENT_LENGTH, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tracing::{debug, error, warn};
+
+use super::Stats;
+use super::chaos;
+use crate::config::HttpLimits;
+use crate::ipc::WorkerSetup;
+use crate::listen::{LISTEN_FDS_START, check_listening_stream};
+use crate::service::Service;
+use crate::shutdown::{Shutdown, Stage};
+
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// Wraps the inherited descriptors 3.. as tokio listeners.
+pub fn take_listeners(n: usize) -> Result<Vec<Listener>, String> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let fd = LISTEN_FDS_START + i as RawFd;
+        check_listening_stream(fd).map_err(|e| format!("inherited fd {fd} {e}"))?;
+        // SAFETY: the master placed this listening socket here for us; nothing else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let is_unix = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd)
+            .map(|a| a.family() == Some(nix::sys::socket::AddressFamily::Unix))
+            .unwrap_or(false);
+        let l = if is_unix {
+            let std = std::os::unix::net::UnixListener::from(owned);
+            std.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Listener::Unix(tokio::net::UnixListener::from_std(std).map_err(|e| e.to_string())?)
+        } else {
+            let std = std::net::TcpListener::from(owned);
+            std.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Listener::Tcp(tokio::net::TcpListener::from_std(std).map_err(|e| e.to_string())?)
+        };
+        out.push(l);
+    }
+    Ok(out)
+}
+
+pub struct Server {
+    service: Service,
+    limits: HttpLimits,
+    chaos: bool,
+    worker_header: HeaderValue,
+    stats: Rc<Stats>,
+    shutdown: Shutdown,
+}
+
+impl Server {
+    pub fn new(setup: &WorkerSetup, slot: usize, stats: Rc<Stats>, shutdown: Shutdown) -> Server {
+        Server {
+            service: Service::new(setup.service.clone(), slot),
+            limits: setup.http.clone(),
+            chaos: setup.chaos,
+            worker_header: HeaderValue::from(slot),
+            stats,
+            shutdown,
+        }
+    }
+
+    /// One request: limits, the service (or a chaos route), panic containment, headers.
+    async fn handle(self: Rc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        self.stats.requests.set(self.stats.requests.get() + 1);
+        let too_large = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > self.limits.max_body_bytes);
+        let mut resp = if too_large {
+            let mut r = plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+            // The unread body would otherwise be parsed as the next request.
+            r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            r
+        } else {
+            let req = req.map(|b| Limited::new(b, self.limits.max_body_bytes as usize));
+            let fut = async {
+                if self.chaos && req.uri().path().starts_with("/chaos/") {
+                    chaos::handle(req).await
+                } else {
+                    self.service.call(req).await
+                }
+            };
+            match AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(r) => r,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    error!("request handler panicked: {what}; this worker will drain and be replaced");
+                    self.stats.leave(format!("request handler panicked: {what}"));
+                    let mut r = plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
+                    r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                    r
+                }
+            }
+        };
+        resp.headers_mut().insert("x-worker", self.worker_header.clone());
+        if self.shutdown.is_draining() {
+            resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok(resp)
+    }
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}
+
+/// Accepts until the drain starts. Above `max_connections` it waits for a free place
+/// instead of accepting; on descriptor exhaustion it backs off instead of spinning.
+pub async fn accept_loop(listener: Listener, server: Rc<Server>, mut shutdown: Shutdown) {
+    let permits = Arc::new(Semaphore::new(server.limits.max_connections));
+    let mut backoff = Duration::ZERO;
+    let mut capped_logged = false;
+    loop {
+        if permits.available_permits() == 0 && !capped_logged {
+            capped_logged = true;
+            warn!(
+                "max_connections ({}) reached: not accepting until a connection closes",
+                server.limits.max_connections
+            );
+        }
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.reached(Stage::Draining) => return,
+        };
+        let accepted = tokio::select! {
+            r = accept(&listener) => r,
+            _ = shutdown.reached(Stage::Draining) => return,
+        };
+        match accepted {
+            Ok(conn) => {
+                if !backoff.is_zero() {
+                    warn!("accepting again after descriptor exhaustion");
+                    backoff = Duration::ZERO;
+                }
+                if permits.available_permits() > 0 {
+                    capped_logged = false;
+                }
+                let server = server.clone();
+                let shutdown = shutdown.clone();
+                tokio::task::spawn_local(async move {
+                    let _permit = permit;
+                    match conn {
+                        Conn::Tcp(s) => serve_connection(s, server, shutdown).await,
+                        Conn::Unix(s) => serve_connection(s, server, shutdown).await,
+                    }
+                });
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                if backoff.is_zero() {
+                    warn!("accept failed: {e}; backing off until descriptors free up");
+                    backoff = Duration::from_millis(10);
+                } else {
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.reached(Stage::Draining) => return,
+                }
+            }
+            Err(e) => debug!("accept failed: {e}"),
+        }
+    }
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> io::Result<Conn> {
+    match l {
+        Listener::Tcp(l) => {
+            let (s, _) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok(Conn::Tcp(s))
+        }
+        Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Serves one connection; when the drain reaches [`Stage::CloseIdle`], asks hyper to close
+/// it after the request in flight (or at once when idle).
+async fn serve_connection<IO>(io: IO, server: Rc<Server>, mut shutdown: Shutdown)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let stats = server.stats.clone();
+    stats.connections.set(stats.connections.get() + 1);
+    let limits = server.limits.clone();
+    let svc = service_fn(move |req| server.clone().handle(req));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.reached(Stage::CloseIdle) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!("connection ended with an error: {e}");
+    }
+    stats.connections.set(stats.connections.get() - 1);
+}
