@@ -50,7 +50,7 @@ pub fn take_listeners(n: usize) -> Result<Vec<Listener>, String> {
         // SAFETY: the master placed this listening socket here for us; nothing else owns it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         let is_unix = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd)
-            .map(|a| a.family() == Some(nix::sys::socket::AddressFamily::Unix))
+            .map(|a| nix::sys::socket::SockaddrLike::family(&a) == Some(nix::sys::socket::AddressFamily::Unix))
             .unwrap_or(false);
         let l = if is_unix {
             let std = std::os::unix::net::UnixListener::from(owned);
