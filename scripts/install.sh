@@ -149,7 +149,7 @@ do_install() {
 
 do_uninstall() {
     local u
-    if [ -z "$DESTDIR" ] && systemd_up; then
+    if [ -z "$DESTDIR" ] && [ -e "$UNITDIR/app.service" ] && systemd_up; then
         # stop the socket too, or the next connection would start the service again
         systemctl disable --now app.socket app.service >/dev/null 2>&1 || true
         systemctl stop app.service app.socket >/dev/null 2>&1 || true
