@@ -70,8 +70,12 @@ impl NotifySocket {
         None
     }
 
-    /// Drops what was received so far.
+    /// Drops what was received so far, including datagrams still queued in the socket.
     pub fn clear(&mut self) {
+        self.sock.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        while self.sock.recv(&mut buf).is_ok() {}
+        self.sock.set_nonblocking(false).unwrap();
         self.messages.clear();
     }
 
