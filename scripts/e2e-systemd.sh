@@ -13,9 +13,9 @@
 # Usage: sudo scripts/e2e-systemd.sh
 # Environment:
 #   APP_BIN=PATH       binary to test (default: cargo build --release, then
-#                      target/release/app)
-#   E2E_CHECKS="..."   run only these checks (names: analyze activation journal
-#                      reload reload-broken kill-worker watchdog restart stop)
+#                      target/release/app; E2E_BUILD=0 skips the build if it exists)
+#   E2E_CHECKS="..."   run only these checks (names: analyze activation sandboxing
+#                      journal reload reload-broken kill-worker watchdog restart stop)
 #   E2E_LOAD_RATE=100  requests/s of each of the 2 load clients (curl --rate)
 #   E2E_LIFETIME=900   hard limit (s) for the sandbox, in case everything else fails
 #   E2E_VERBOSE=1      show the output of every command
@@ -37,7 +37,7 @@ STATE_PREFIX=app-e2e.
 LIFETIME=${E2E_LIFETIME:-900}
 LOAD_RATE=${E2E_LOAD_RATE:-100}
 VERBOSE=${E2E_VERBOSE:-0}
-ALL_CHECKS="analyze activation journal reload reload-broken kill-worker watchdog restart stop"
+ALL_CHECKS="analyze activation sandboxing journal reload reload-broken kill-worker watchdog restart stop"
 CHECKS=${E2E_CHECKS:-$ALL_CHECKS}
 IN_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 STAGE=/var/tmp/app-e2e    # inside the container: units, install.sh, binary
@@ -199,7 +199,9 @@ find_binary() {
     home=$(getent passwd "$user" | cut -d: -f6)
     cargo=$(command -v cargo || true)
     [ -z "$cargo" ] && [ -x "$home/.cargo/bin/cargo" ] && cargo=$home/.cargo/bin/cargo
-    if [ -n "$cargo" ]; then
+    if [ "${E2E_BUILD:-1}" = 0 ] && [ -x "$SRC/target/release/app" ]; then
+        log "E2E_BUILD=0: testing the existing $SRC/target/release/app"
+    elif [ -n "$cargo" ]; then
         log "cargo build --release ..."
         local t0; t0=$(now_ms)
         if [ "$user" != root ] && [ "$(stat -c %U "$SRC")" = "$user" ]; then
@@ -458,6 +460,39 @@ check_activation() {  # socket activation, status shows running + STATUS=
     note "workers: $(worker_pids | wc -l), generation $(generation)"
 }
 
+check_sandboxing() {  # the unit's hardening leaves the master what it needs
+    local js main uid bad=0 w pid cpu allowed sock
+    js=$(app_status_json)
+    [ -n "$js" ] || fail "app status --json (as root, default control socket) gave nothing" || return 1
+    main=$(prop app.service MainPID)
+    uid=$(IN ps -o uid= -p "$main" | tr -d ' ')
+    note "master $main runs as uid $uid ($(prop app.service User) DynamicUser=$(prop app.service DynamicUser))"
+    [ -n "$uid" ] && [ "$uid" != 0 ] || fail "master runs as root" || bad=1
+    # every worker pinned to its own CPU (sched_setaffinity under SystemCallFilter=)
+    for w in $(printf '%s' "$js" | jq -r '(.status // .).workers[]? | "\(.pid):\(.cpu)"'); do
+        pid=${w%%:*}; cpu=${w#*:}
+        allowed=$(IN awk '/^Cpus_allowed_list:/ { print $2 }' "/proc/$pid/status")
+        note "worker pid $pid: cpu $cpu, Cpus_allowed_list $allowed"
+        [ "$allowed" = "$cpu" ] || { fail "worker $pid not pinned to CPU $cpu (allowed: $allowed)"; bad=1; }
+    done
+    # memory readings (/proc/<worker>/smaps_rollup under ProtectProc=invisible,
+    # ProcSubset=pid); the master samples them once a second
+    mem_read() {
+        js=$(app_status_json)
+        printf '%s' "$js" | jq -e '[(.status // .).workers[]? | select((.rss_bytes // 0) > 0 and .pss_bytes != null)]
+            | length > 0' >/dev/null 2>&1
+    }
+    wait_for 3 mem_read || { fail "no worker memory readings (rss/pss) in app status --json"; bad=1; }
+    note "worker memory: $(printf '%s' "$js" | jq -r '[(.status // .).workers[]? | "rss=\(.rss_bytes) pss=\(.pss_bytes)"] | join(", ")')"
+    # a system call or file the sandbox denies shows up as EPERM/EACCES in the app's log
+    w=$(IN journalctl -u app _SYSTEMD_UNIT=app.service --no-pager -o cat | grep -iE 'operation not permitted|permission denied|EPERM|EACCES' | head -n 3)
+    [ -z "$w" ] || { fail "the app logged permission errors: $(printf '%s' "$w" | paste -sd '|' -)"; bad=1; }
+    sock=$(IN stat -c '%a %U' /run/app/control.sock 2>&1)
+    note "/run/app/control.sock: mode/owner $sock"
+    case "$sock" in "600 "*) ;; *) fail "control socket is not mode 0600: $sock"; bad=1 ;; esac
+    return "$bad"
+}
+
 check_journal() {  # master lines, worker lines, WORKER_ID=0 filter
     local main exp masters workers w0 other
     main=$(prop app.service MainPID)
@@ -685,6 +720,7 @@ run_all() {
 
     run_check analyze       "systemd-analyze security (exposure <= 2.0) and verify"          check_analyze
     run_check activation    "start app.socket; curl activates app; status active (running) + STATUS=" check_activation
+    run_check sandboxing    "hardened unit: non-root, workers pinned, memory readable, socket 0600" check_sandboxing
     run_check journal       "journalctl -u app: master + worker lines; WORKER_ID=0 only worker 0" check_journal
     run_check reload        "systemctl reload under load: 0 failed, new generation on return"   check_reload
     run_check reload-broken "reload with a broken config fails; service keeps serving"           check_reload_broken
