@@ -24,7 +24,7 @@
 # could not be set up. The sandbox is torn down on exit, on SIGINT/SIGTERM,
 # and - by a detached reaper process - even if this script is SIGKILLed.
 # Needs: root, systemd (252) on the host, overlayfs; installs
-# systemd-container, curl and jq with apt-get if they are missing.
+# systemd-container, curl, jq (and procps) with apt-get if they are missing.
 # Intentional: `A && B || fail` (fail returns 1), word-splitting pid lists,
 # single-quoted scripts run by `bash -c`, helpers called through wait_for.
 # shellcheck disable=SC2015,SC2013,SC2016,SC2317
@@ -170,6 +170,7 @@ ensure_tools() {
     command -v curl >/dev/null || pkgs+=(curl)
     command -v jq >/dev/null || pkgs+=(jq)
     command -v nsenter >/dev/null || pkgs+=(util-linux)
+    command -v ps >/dev/null || pkgs+=(procps)
     [ ${#pkgs[@]} -eq 0 ] && return 0
     log "installing ${pkgs[*]} ..."
     # systemd-container must have the same version as systemd: ask for exactly
@@ -610,6 +611,7 @@ check_kill_worker() {  # SIGKILL of a worker: replaced, visible in the journal
 check_watchdog() {  # SIGSTOP the master: watchdog kill + Restart=; clients wait
     local main0 main1 nr0 cur t0 ms codes ok bad j
     main0=$(prop app.service MainPID); nr0=$(prop app.service NRestarts)
+    case "$main0" in ""|0) fail "app.service has no main process" || return 1 ;; esac
     cur=$(journal_cursor)
     t0=$(now_ms)
     IN kill -STOP "$main0"

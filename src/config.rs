@@ -264,8 +264,11 @@ impl Config {
             (None, None) => SocketAddr::from(([127, 0, 0, 1], 8080)),
         };
         let http = HttpLimits {
-            header_read_timeout: file_duration(&f.http.header_read_timeout, "http.header_read_timeout")?
-                .unwrap_or(Duration::from_secs(10)),
+            header_read_timeout: file_duration(
+                &f.http.header_read_timeout,
+                "http.header_read_timeout",
+            )?
+            .unwrap_or(Duration::from_secs(10)),
             max_header_bytes: match &f.http.max_header_bytes {
                 Some(v) => usize::try_from(v.resolve("http.max_header_bytes")?)
                     .map_err(|_| invalid("http.max_header_bytes", "too large"))?,
@@ -292,17 +295,40 @@ impl Config {
                 .or(f.log_level)
                 .unwrap_or_else(|| "info".into()),
             accept: args.accept.or(f.accept).unwrap_or(AcceptStrategy::Shared),
-            shutdown_timeout: pick(args.shutdown_timeout, &f.shutdown_timeout, "shutdown_timeout", 30_000)?,
+            shutdown_timeout: pick(
+                args.shutdown_timeout,
+                &f.shutdown_timeout,
+                "shutdown_timeout",
+                30_000,
+            )?,
             drain_timeout: pick(args.drain_timeout, &f.drain_timeout, "drain_timeout", 5_000)?,
-            ready_timeout: pick(args.ready_timeout, &f.ready_timeout, "ready_timeout", 10_000)?,
-            heartbeat_interval: pick(args.heartbeat_interval, &f.heartbeat_interval, "heartbeat_interval", 1_000)?,
+            ready_timeout: pick(
+                args.ready_timeout,
+                &f.ready_timeout,
+                "ready_timeout",
+                10_000,
+            )?,
+            heartbeat_interval: pick(
+                args.heartbeat_interval,
+                &f.heartbeat_interval,
+                "heartbeat_interval",
+                1_000,
+            )?,
             heartbeat_misses: args.heartbeat_misses.or(f.heartbeat_misses).unwrap_or(3),
             restart_limit: args.restart_limit.or(f.restart_limit).unwrap_or(10),
-            restart_window: pick(args.restart_window, &f.restart_window, "restart_window", 60_000)?,
+            restart_window: pick(
+                args.restart_window,
+                &f.restart_window,
+                "restart_window",
+                60_000,
+            )?,
             min_uptime: pick(args.min_uptime, &f.min_uptime, "min_uptime", 1_000)?,
             max_memory,
             max_requests: args.max_requests.or(f.max_requests).unwrap_or(0),
-            max_requests_jitter: args.max_requests_jitter.or(f.max_requests_jitter).unwrap_or(0),
+            max_requests_jitter: args
+                .max_requests_jitter
+                .or(f.max_requests_jitter)
+                .unwrap_or(0),
             control_socket: args.control_socket.clone().or(f.control_socket),
             chaos: args.chaos || f.chaos.unwrap_or(false),
             chaos_boot_crash: args.chaos_boot_crash,
@@ -314,14 +340,24 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), Fatal> {
-        let check = |ok: bool, key: &str, reason: String| if ok { Ok(()) } else { Err(invalid(key, reason)) };
+        let check = |ok: bool, key: &str, reason: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(invalid(key, reason))
+            }
+        };
         check(
             (1..=1024).contains(&self.workers),
             "workers",
             format!("must be between 1 and 1024 (got {})", self.workers),
         )?;
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| invalid("log_level", format!("{:?} is not a level or filter ({e})", self.log_level)))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+            invalid(
+                "log_level",
+                format!("{:?} is not a level or filter ({e})", self.log_level),
+            )
+        })?;
         for (key, d) in [
             ("shutdown_timeout", self.shutdown_timeout),
             ("drain_timeout", self.drain_timeout),
@@ -341,7 +377,11 @@ impl Config {
             "heartbeat_misses",
             "must be at least 1".into(),
         )?;
-        check(self.restart_limit >= 1, "restart_limit", "must be at least 1".into())?;
+        check(
+            self.restart_limit >= 1,
+            "restart_limit",
+            "must be at least 1".into(),
+        )?;
         check(
             self.http.max_header_bytes >= 8192,
             "http.max_header_bytes",
@@ -355,14 +395,22 @@ impl Config {
         check(
             self.max_memory == 0 || self.max_memory >= 1 << 20,
             "max_memory",
-            format!("must be 0 (off) or at least 1MiB (got {} bytes)", self.max_memory),
+            format!(
+                "must be 0 (off) or at least 1MiB (got {} bytes)",
+                self.max_memory
+            ),
         )?;
         self.service.validate().map_err(|e| invalid("service", e))?;
         Ok(())
     }
 }
 
-fn pick(flag: Option<Duration>, file: &Option<String>, key: &str, default_ms: u64) -> Result<Duration, Fatal> {
+fn pick(
+    flag: Option<Duration>,
+    file: &Option<String>,
+    key: &str,
+    default_ms: u64,
+) -> Result<Duration, Fatal> {
     match flag {
         Some(d) => Ok(d),
         None => Ok(file_duration(file, key)?.unwrap_or(Duration::from_millis(default_ms))),

@@ -104,7 +104,12 @@ pub struct Incoming {
 pub fn default_path() -> PathBuf {
     if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
         // systemd may pass several, colon-separated; ours is the first.
-        let first = dir.to_string_lossy().split(':').next().unwrap_or("").to_string();
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
         if !first.is_empty() {
             return Path::new(&first).join("control.sock");
         }
@@ -127,10 +132,13 @@ fn client_path() -> PathBuf {
 
 /// Binds the socket and serves it until the runtime ends; requests go to `tx`.
 pub fn serve(path: &Path, tx: mpsc::UnboundedSender<Incoming>) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-        }
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
     // A stale socket from a previous run would make bind fail; a live one means another
     // master is running with the same path.
@@ -170,8 +178,15 @@ async fn handle_client(stream: UnixStream, me: u32, tx: mpsc::UnboundedSender<In
     };
     let (read, mut write) = stream.into_split();
     if uid != me && uid != 0 {
-        tracing::warn!(peer_uid = uid, "control socket: refused a client with another uid");
-        let _ = write_reply(&mut write, &Reply::error(format!("permission denied for uid {uid}"))).await;
+        tracing::warn!(
+            peer_uid = uid,
+            "control socket: refused a client with another uid"
+        );
+        let _ = write_reply(
+            &mut write,
+            &Reply::error(format!("permission denied for uid {uid}")),
+        )
+        .await;
         return;
     }
     let mut line = String::new();
@@ -196,7 +211,13 @@ async fn handle_client(stream: UnixStream, me: u32, tx: mpsc::UnboundedSender<In
         },
     };
     let (reply_tx, reply_rx) = oneshot::channel();
-    if tx.send(Incoming { request, reply: reply_tx }).is_err() {
+    if tx
+        .send(Incoming {
+            request,
+            reply: reply_tx,
+        })
+        .is_err()
+    {
         return;
     }
     if let Ok(reply) = reply_rx.await {
@@ -209,7 +230,10 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))
 }
 
-async fn write_reply(w: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
+async fn write_reply(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: &Reply,
+) -> std::io::Result<()> {
     let mut text = serde_json::to_string(reply).unwrap_or_else(|_| "{\"ok\":false}".into());
     text.push('\n');
     w.write_all(text.as_bytes()).await
@@ -225,22 +249,33 @@ pub fn call(path: Option<&Path>, request: &Request) -> Result<Reply, (i32, Strin
     let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
         (
             exit::UNAVAILABLE,
-            format!("cannot reach the master at {}: {e} (is the service running? see --control-socket)", path.display()),
+            format!(
+                "cannot reach the master at {}: {e} (is the service running? see --control-socket)",
+                path.display()
+            ),
         )
     })?;
     let mut line = serde_json::to_string(request).expect("requests serialise");
     line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .map_err(|e| (exit::UNAVAILABLE, format!("control socket write failed: {e}")))?;
+    // A master that refuses us may answer and close before our request is written; its
+    // answer says why, so read it even when the write failed.
+    let written = stream.write_all(line.as_bytes());
     let mut reply = String::new();
-    std::io::BufReader::new(&stream)
-        .read_line(&mut reply)
-        .map_err(|e| (exit::UNAVAILABLE, format!("control socket read failed: {e}")))?;
+    let read = std::io::BufReader::new(&stream).read_line(&mut reply);
     if reply.is_empty() {
-        return Err((exit::UNAVAILABLE, "the master closed the connection without a reply".into()));
+        let why = match (written, read) {
+            (Err(e), _) => format!("control socket write failed: {e}"),
+            (_, Err(e)) => format!("control socket read failed: {e}"),
+            _ => "the master closed the connection without a reply".into(),
+        };
+        return Err((exit::UNAVAILABLE, why));
     }
-    serde_json::from_str(&reply).map_err(|e| (exit::SOFTWARE, format!("unreadable reply from the master: {e}")))
+    serde_json::from_str(&reply).map_err(|e| {
+        (
+            exit::SOFTWARE,
+            format!("unreadable reply from the master: {e}"),
+        )
+    })
 }
 
 /// `app status` as a table.
@@ -303,7 +338,11 @@ fn human_secs(s: f64) -> String {
     } else if s < 3600.0 {
         format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
     } else {
-        format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+        format!(
+            "{}h{:02}m",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
     }
 }
 
@@ -325,7 +364,13 @@ mod tests {
     fn parses_requests_and_rejects_garbage() {
         assert_eq!(parse_request("{\"cmd\":\"status\"}\n"), Ok(Request::Status));
         assert_eq!(parse_request("{\"cmd\":\"reload\"}"), Ok(Request::Reload));
-        for junk in ["", "status", "{\"cmd\":\"rm -rf\"}", "{\"cmd\":\"status\",\"x\":1}", "\u{0}"] {
+        for junk in [
+            "",
+            "status",
+            "{\"cmd\":\"rm -rf\"}",
+            "{\"cmd\":\"status\",\"x\":1}",
+            "\u{0}",
+        ] {
             assert!(parse_request(junk).is_err(), "{junk:?}");
         }
     }

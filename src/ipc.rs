@@ -37,9 +37,13 @@ pub struct WorkerSetup {
 pub enum ToWorker {
     Setup(Box<WorkerSetup>),
     /// Heartbeat; answered with [`ToMaster::Pong`] carrying the same `seq`.
-    Ping { seq: u64 },
+    Ping {
+        seq: u64,
+    },
     /// Stop accepting, finish in-flight requests within `timeout_ms`, exit.
-    Drain { timeout_ms: u64 },
+    Drain {
+        timeout_ms: u64,
+    },
 }
 
 /// Worker → master.

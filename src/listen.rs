@@ -48,9 +48,11 @@ pub fn parse_env(
 ) -> Result<Option<Activation>, String> {
     let Some(fds) = listen_fds else {
         if listen_pid.is_some() || listen_fdnames.is_some() {
-            return Err("LISTEN_PID or LISTEN_FDNAMES is set but LISTEN_FDS is not: \
+            return Err(
+                "LISTEN_PID or LISTEN_FDNAMES is set but LISTEN_FDS is not: \
                         the socket-activation environment is incomplete"
-                .into());
+                    .into(),
+            );
         }
         return Ok(None);
     };
@@ -122,8 +124,9 @@ pub fn take_or_bind(bind: SocketAddr) -> Result<(Vec<Listener>, bool), Fatal> {
         Some(act) => {
             let mut out = Vec::with_capacity(act.fds.len());
             for (fd, name) in act.fds.iter().zip(act.names) {
-                let description = check_listening_stream(*fd)
-                    .map_err(|e| Fatal::config(format!("socket activation error: fd {fd} ({name}): {e}")))?;
+                let description = check_listening_stream(*fd).map_err(|e| {
+                    Fatal::config(format!("socket activation error: fd {fd} ({name}): {e}"))
+                })?;
                 // SAFETY: systemd passed us this descriptor and nothing else owns it.
                 let owned = unsafe { OwnedFd::from_raw_fd(*fd) };
                 out.push(Listener {
@@ -159,7 +162,8 @@ pub fn check_listening_stream(fd: RawFd) -> Result<String, String> {
     }
     // SAFETY: as above.
     let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let ty = getsockopt(&bfd, sockopt::SockType).map_err(|e| format!("getsockopt(SO_TYPE): {e}"))?;
+    let ty =
+        getsockopt(&bfd, sockopt::SockType).map_err(|e| format!("getsockopt(SO_TYPE): {e}"))?;
     if ty != SockType::Stream {
         let what = match ty {
             SockType::Datagram => "a datagram (UDP) socket",
@@ -168,9 +172,12 @@ pub fn check_listening_stream(fd: RawFd) -> Result<String, String> {
         };
         return Err(format!("is {what}, expected a listening stream socket"));
     }
-    let listening = getsockopt(&bfd, sockopt::AcceptConn).map_err(|e| format!("getsockopt(SO_ACCEPTCONN): {e}"))?;
+    let listening = getsockopt(&bfd, sockopt::AcceptConn)
+        .map_err(|e| format!("getsockopt(SO_ACCEPTCONN): {e}"))?;
     if !listening {
-        return Err("is a stream socket that is not listening (a connection, not a listener)".into());
+        return Err(
+            "is a stream socket that is not listening (a connection, not a listener)".into(),
+        );
     }
     Ok(describe(fd))
 }
@@ -234,7 +241,9 @@ mod tests {
 
     #[test]
     fn activated_with_names() {
-        let a = parse_env(Some("2"), Some("7"), Some("http:admin"), 7).unwrap().unwrap();
+        let a = parse_env(Some("2"), Some("7"), Some("http:admin"), 7)
+            .unwrap()
+            .unwrap();
         assert_eq!(a.fds, vec![3, 4]);
         assert_eq!(a.names, vec!["http", "admin"]);
     }
@@ -264,6 +273,10 @@ mod tests {
         let e = check_listening_stream(udp.as_raw_fd()).unwrap_err();
         assert!(e.contains("datagram"), "{e}");
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-        assert!(check_listening_stream(tcp.as_raw_fd()).unwrap().starts_with("127.0.0.1:"));
+        assert!(
+            check_listening_stream(tcp.as_raw_fd())
+                .unwrap()
+                .starts_with("127.0.0.1:")
+        );
     }
 }

@@ -66,7 +66,10 @@ pub fn init(level: &str, who: Identity) {
             .with_field_prefix(None)
             .with_syslog_identifier("app".into())
             .with_custom_fields(fields);
-        let _ = tracing_subscriber::registry().with(filter).with(layer).try_init();
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .try_init();
         return;
     }
 
@@ -85,9 +88,14 @@ pub fn init(level: &str, who: Identity) {
         .with_ansi(false)
         .event_format(PrefixFormat {
             prefix,
-            inner: tracing_subscriber::fmt::format().with_target(false).with_ansi(false),
+            inner: tracing_subscriber::fmt::format()
+                .with_target(false)
+                .with_ansi(false),
         });
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init();
 }
 
 /// Text format: "<time> <LEVEL> <who>: <message> <fields>".

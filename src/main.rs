@@ -23,7 +23,11 @@ use config::{Config, ServeArgs};
 use exit::Fatal;
 
 #[derive(Debug, Parser)]
-#[command(name = "app", version, about = "A systemd-native, socket-activated prefork service")]
+#[command(
+    name = "app",
+    version,
+    about = "A systemd-native, socket-activated prefork service"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,7 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the master: take or bind the socket, start and supervise the workers.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Ask the running master for a graceful rollover and wait until it is done.
     Reload(ClientArgs),
     /// Show the running pool.
@@ -65,12 +69,18 @@ fn main() {
             }
             // One line: clap's first line names the flag and the reason.
             let text = e.render().to_string();
-            eprintln!("app: {}", text.lines().next().unwrap_or("usage error").trim_start_matches("error: "));
+            eprintln!(
+                "app: {}",
+                text.lines()
+                    .next()
+                    .unwrap_or("usage error")
+                    .trim_start_matches("error: ")
+            );
             std::process::exit(exit::USAGE);
         }
     };
     let code = match cli.command {
-        Command::Serve(args) => match serve(args) {
+        Command::Serve(args) => match serve(*args) {
             Ok(code) => code,
             Err(f) => {
                 eprintln!("app: {f}");
@@ -96,7 +106,11 @@ fn serve(args: ServeArgs) -> Result<i32, Fatal> {
         std::process::id(),
         config.workers,
         cpus,
-        if activated { "sockets from systemd" } else { "socket bound by hand" }
+        if activated {
+            "sockets from systemd"
+        } else {
+            "socket bound by hand"
+        }
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -125,7 +139,11 @@ fn client_reload(c: ClientArgs) -> i32 {
 
 fn client_status(c: ClientArgs, json: bool) -> i32 {
     match control::call(c.control_socket.as_deref(), &control::Request::Status) {
-        Ok(control::Reply { ok: true, status: Some(s), .. }) => {
+        Ok(control::Reply {
+            ok: true,
+            status: Some(s),
+            ..
+        }) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
             } else {

@@ -45,7 +45,9 @@ impl Notifier {
                     n.target = Some((sock, addr, path));
                 }
                 Err(e) => {
-                    tracing::warn!("NOTIFY_SOCKET={path:?} is unusable ({e}); not notifying systemd");
+                    tracing::warn!(
+                        "NOTIFY_SOCKET={path:?} is unusable ({e}); not notifying systemd"
+                    );
                     n.warned = true;
                 }
             }

@@ -79,12 +79,17 @@ impl Service {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/") => text(
                 StatusCode::OK,
-                format!("{} from worker {}\n", self.settings.greeting, self.worker_id),
+                format!(
+                    "{} from worker {}\n",
+                    self.settings.greeting, self.worker_id
+                ),
             ),
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             (&Method::GET, "/sleep") => {
                 // A slow request on demand: shows that stop and reload let it finish.
-                let ms = query_u64(req.uri().query(), "ms").unwrap_or(1000).min(600_000);
+                let ms = query_u64(req.uri().query(), "ms")
+                    .unwrap_or(1000)
+                    .min(600_000);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 text(StatusCode::OK, format!("slept {ms}ms\n"))
             }
@@ -92,9 +97,10 @@ impl Service {
                 Ok(body) => Response::new(Full::new(body.to_bytes())),
                 Err(_) => text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n".into()),
             },
-            (_, "/" | "/healthz" | "/sleep" | "/echo") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
-            }
+            (_, "/" | "/healthz" | "/sleep" | "/echo") => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n".into(),
+            ),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         }
     }

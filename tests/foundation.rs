@@ -14,13 +14,15 @@ fn socket_activation_serves_and_ready_follows_all_workers() {
     let dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::new(dir.path());
     let workers = ncpus() + 1; // one more than CPUs: round-robin sharing is exercised too
-    let srv = Server::spawn(Launch {
-        socket_activate: true,
-        notify: Some(notify.path.clone()),
-        dir: Some(dir),
-        ..Default::default()
-    }
-    .args(&["--workers", &workers.to_string()]));
+    let srv = Server::spawn(
+        Launch {
+            socket_activate: true,
+            notify: Some(notify.path.clone()),
+            dir: Some(dir),
+            ..Default::default()
+        }
+        .args(&["--workers", &workers.to_string()]),
+    );
     // systemd-socket-activate execs the service on the first connection.
     let resp = wait_until(Duration::from_secs(10), || get(srv.port, "/").ok()).expect("no answer");
     assert_eq!(resp.status, 200);
@@ -28,17 +30,38 @@ fn socket_activation_serves_and_ready_follows_all_workers() {
     assert!(worker < workers);
     assert_eq!(resp.body, format!("hello from worker {worker}\n"));
 
-    let ready = notify.wait_for("READY=1", Duration::from_secs(10)).expect("READY=1");
+    let ready = notify
+        .wait_for("READY=1", Duration::from_secs(10))
+        .expect("READY=1");
     // READY=1 came with the live status line saying every worker serves...
-    assert!(ready.contains(&format!("STATUS={workers}/{workers} workers serving")), "{ready}");
+    assert!(
+        ready.contains(&format!("STATUS={workers}/{workers} workers serving")),
+        "{ready}"
+    );
     // ...and every STATUS before it showed fewer.
-    let before: Vec<_> = notify.messages.iter().take_while(|(_, m)| !m.contains("READY=1")).collect();
-    assert!(before.iter().all(|(_, m)| !m.contains(&format!("{workers}/{workers}"))));
+    let before: Vec<_> = notify
+        .messages
+        .iter()
+        .take_while(|(_, m)| !m.contains("READY=1"))
+        .collect();
+    assert!(
+        before
+            .iter()
+            .all(|(_, m)| !m.contains(&format!("{workers}/{workers}")))
+    );
     // The master's own view agrees: every worker reported ready over IPC.
     let status = srv.status().unwrap();
     assert_eq!(status["serving_workers"], workers);
-    assert!(srv.log_text().contains("sockets from systemd"), "{}", srv.log_text());
-    assert!(srv.log_text().contains("listening on 127.0.0.1:"), "{}", srv.log_text());
+    assert!(
+        srv.log_text().contains("sockets from systemd"),
+        "{}",
+        srv.log_text()
+    );
+    assert!(
+        srv.log_text().contains("listening on 127.0.0.1:"),
+        "{}",
+        srv.log_text()
+    );
 
     srv.signal(libc::SIGTERM);
     let stop = notify.wait_for("STOPPING=1", Duration::from_secs(5));
@@ -60,7 +83,10 @@ fn workers_are_pinned_one_cpu_each() {
         let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         let env = String::from_utf8_lossy(&env);
         for var in ["LISTEN_FDS", "LISTEN_PID", "NOTIFY_SOCKET", "WATCHDOG_USEC"] {
-            assert!(!env.contains(&format!("{var}=")), "worker {slot} inherited {var}");
+            assert!(
+                !env.contains(&format!("{var}=")),
+                "worker {slot} inherited {var}"
+            );
         }
     }
     seen.sort();
@@ -74,10 +100,17 @@ fn affinity_restricted_master_respects_its_cpuset() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut cmd = Command::new("taskset");
-    cmd.args(["-c", "0", APP, "serve", "--bind", &format!("127.0.0.1:{port}")])
-        .env("APP_CONTROL_SOCKET", dir.path().join("c.sock"))
-        .stderr(std::process::Stdio::null())
-        .process_group(0);
+    cmd.args([
+        "-c",
+        "0",
+        APP,
+        "serve",
+        "--bind",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .env("APP_CONTROL_SOCKET", dir.path().join("c.sock"))
+    .stderr(std::process::Stdio::null())
+    .process_group(0);
     let mut child = cmd.spawn().unwrap();
     let ws = wait_until(Duration::from_secs(5), || {
         let kids = children(child.id() as i32);
@@ -97,7 +130,9 @@ fn killing_the_master_leaves_no_worker() {
     assert!(!workers.is_empty());
     unsafe { libc::kill(srv.pid(), libc::SIGKILL) };
     let t0 = Instant::now();
-    let gone = wait_until(Duration::from_secs(1), || workers.iter().all(|p| !alive(*p)).then_some(()));
+    let gone = wait_until(Duration::from_secs(1), || {
+        workers.iter().all(|p| !alive(*p)).then_some(())
+    });
     assert!(gone.is_some(), "workers outlived the master: {workers:?}");
     eprintln!("workers gone {:?} after the master's SIGKILL", t0.elapsed());
     // And nobody holds the port any more.
@@ -114,7 +149,9 @@ fn sigterm_lets_a_slow_request_finish() {
     let resp = slow.join().unwrap().expect("slow request cut by SIGTERM");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, "slept 1500ms\n");
-    let status = srv.wait_exit(Duration::from_secs(10)).expect("master did not exit");
+    let status = srv
+        .wait_exit(Duration::from_secs(10))
+        .expect("master did not exit");
     assert_eq!(status.code(), Some(0));
     // Once stopping, no new connections are served.
     assert!(get(port, "/").is_err());
@@ -128,10 +165,19 @@ fn shutdown_timeout_cuts_what_overruns() {
     std::thread::sleep(Duration::from_millis(200));
     let t0 = Instant::now();
     srv.signal(libc::SIGTERM);
-    let status = srv.wait_exit(Duration::from_secs(5)).expect("master did not exit");
+    let status = srv
+        .wait_exit(Duration::from_secs(5))
+        .expect("master did not exit");
     assert_eq!(status.code(), Some(0));
-    assert!(t0.elapsed() < Duration::from_secs(3), "took {:?}", t0.elapsed());
-    assert!(slow.join().unwrap().is_err(), "a 5 s request cannot finish in a 300 ms grace");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        slow.join().unwrap().is_err(),
+        "a 5 s request cannot finish in a 300 ms grace"
+    );
 }
 
 fn serve_cmd(args: &[&str]) -> Command {
@@ -146,19 +192,28 @@ fn bad_config_values_exit_78_naming_the_key() {
     let (code, err) = run_to_exit(serve_cmd(&["--workers", "0"]));
     assert_eq!(code, 78, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("workers: must be between 1 and 1024 (got 0)"), "{err}");
+    assert!(
+        err.contains("workers: must be between 1 and 1024 (got 0)"),
+        "{err}"
+    );
 
     let file = dir.path().join("app.toml");
     std::fs::write(&file, "workers = 2\nheartbeat_intervl = \"1s\"\n").unwrap();
     let (code, err) = run_to_exit(serve_cmd(&["--config", file.to_str().unwrap()]));
     assert_eq!(code, 78, "{err}");
-    assert!(err.contains("line 2") && err.contains("heartbeat_intervl"), "{err}");
+    assert!(
+        err.contains("line 2") && err.contains("heartbeat_intervl"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     std::fs::write(&file, "drain_timeout = \"forever\"\n").unwrap();
     let (code, err) = run_to_exit(serve_cmd(&["--config", file.to_str().unwrap()]));
     assert_eq!(code, 78, "{err}");
-    assert!(err.contains("drain_timeout: invalid duration \"forever\""), "{err}");
+    assert!(
+        err.contains("drain_timeout: invalid duration \"forever\""),
+        "{err}"
+    );
 
     std::fs::write(&file, "this is [not toml\n").unwrap();
     let (code, err) = run_to_exit(serve_cmd(&["--config", file.to_str().unwrap()]));
@@ -194,19 +249,35 @@ fn unparsable_flags_exit_64_in_one_line() {
 /// variables describe exactly the process that reads them.
 fn activated(script: &str) -> (i32, String) {
     let mut c = Command::new("sh");
-    c.arg("-c").arg(format!("{script}; exec {APP} serve --bind 127.0.0.1:0"));
+    c.arg("-c")
+        .arg(format!("{script}; exec {APP} serve --bind 127.0.0.1:0"));
     run_to_exit(c)
 }
 
 #[test]
 fn bad_listen_fds_get_one_clear_line_and_exit_78() {
     let cases: &[(&str, &str)] = &[
-        ("export LISTEN_FDS=abc LISTEN_PID=$$", "LISTEN_FDS=\"abc\" is not a number"),
-        ("export LISTEN_FDS=1 LISTEN_PID=1", "LISTEN_PID=1 but this process is"),
-        ("export LISTEN_FDS=1", "LISTEN_FDS is set but LISTEN_PID is not"),
+        (
+            "export LISTEN_FDS=abc LISTEN_PID=$$",
+            "LISTEN_FDS=\"abc\" is not a number",
+        ),
+        (
+            "export LISTEN_FDS=1 LISTEN_PID=1",
+            "LISTEN_PID=1 but this process is",
+        ),
+        (
+            "export LISTEN_FDS=1",
+            "LISTEN_FDS is set but LISTEN_PID is not",
+        ),
         ("export LISTEN_FDS=0 LISTEN_PID=$$", "LISTEN_FDS=0"),
-        ("exec 3</etc/hostname; export LISTEN_FDS=1 LISTEN_PID=$$", "fd 3 (unknown): is a regular file"),
-        ("exec 3<&-; export LISTEN_FDS=1 LISTEN_PID=$$", "fd 3 (unknown): is not an open descriptor"),
+        (
+            "exec 3</etc/hostname; export LISTEN_FDS=1 LISTEN_PID=$$",
+            "fd 3 (unknown): is a regular file",
+        ),
+        (
+            "exec 3<&-; export LISTEN_FDS=1 LISTEN_PID=$$",
+            "fd 3 (unknown): is not an open descriptor",
+        ),
         (
             "exec 3</etc/hostname 4</etc/hostname; export LISTEN_FDS=2 LISTEN_PID=$$ LISTEN_FDNAMES=http",
             "LISTEN_FDNAMES=\"http\" names 1 socket(s) but LISTEN_FDS=2",
@@ -217,7 +288,10 @@ fn bad_listen_fds_get_one_clear_line_and_exit_78() {
         assert_eq!(code, 78, "{script}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{script}: {err}");
         assert!(err.contains("socket activation error"), "{script}: {err}");
-        assert!(err.contains(expected), "{script}: expected {expected:?} in {err}");
+        assert!(
+            err.contains(expected),
+            "{script}: expected {expected:?} in {err}"
+        );
     }
 }
 
@@ -225,9 +299,15 @@ fn bad_listen_fds_get_one_clear_line_and_exit_78() {
 fn udp_socket_from_systemd_socket_activate_is_refused() {
     let port = free_port();
     let mut c = Command::new("systemd-socket-activate");
-    c.args(["--datagram", "-l", &format!("127.0.0.1:{port}"), APP, "serve"])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null());
+    c.args([
+        "--datagram",
+        "-l",
+        &format!("127.0.0.1:{port}"),
+        APP,
+        "serve",
+    ])
+    .stderr(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null());
     let child = c.spawn().unwrap();
     // A datagram triggers activation.
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -244,7 +324,10 @@ fn udp_socket_from_systemd_socket_activate_is_refused() {
     };
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{err}");
-    assert!(err.contains("is a datagram (UDP) socket, expected a listening stream socket"), "{err}");
+    assert!(
+        err.contains("is a datagram (UDP) socket, expected a listening stream socket"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -267,7 +350,9 @@ fn serve_to_ready_time_and_idle_memory_are_reported() {
         dir: Some(dir),
         ..Default::default()
     });
-    notify.wait_for("READY=1", Duration::from_secs(10)).expect("READY=1");
+    notify
+        .wait_for("READY=1", Duration::from_secs(10))
+        .expect("READY=1");
     let ready = t0.elapsed();
     std::thread::sleep(Duration::from_millis(1500));
     let s = srv.status().unwrap();

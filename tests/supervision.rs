@@ -23,16 +23,22 @@ fn wait_replaced(srv: &Server, slot: u64, old: i32, timeout: Duration) -> Option
 
 #[test]
 fn killed_worker_is_replaced_on_its_cpu() {
-    let srv = Server::start(Launch::default());
+    // Workers up longer than min_uptime are replaced at once (no backoff).
+    let srv = Server::start(Launch::default().args(&["--min-uptime", "100ms"]));
     let mut latencies = Vec::new();
     for round in 0..5 {
         let ws = srv.workers();
         let (slot, pid, cpu, _, _) = ws[round % ws.len()].clone();
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        let (new, took) = wait_replaced(&srv, slot, pid, Duration::from_secs(2)).expect("not replaced");
+        let (new, took) =
+            wait_replaced(&srv, slot, pid, Duration::from_secs(2)).expect("not replaced");
         latencies.push(took);
-        assert_eq!(cpus_allowed(new), cpu.to_string(), "replacement pinned to the slot's CPU");
-        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            cpus_allowed(new),
+            cpu.to_string(),
+            "replacement pinned to the slot's CPU"
+        );
+        std::thread::sleep(Duration::from_millis(150));
     }
     latencies.sort();
     eprintln!(
@@ -41,10 +47,19 @@ fn killed_worker_is_replaced_on_its_cpu() {
         latencies.last().unwrap()
     );
     let log = srv.log_text();
-    assert!(log.contains("exited unexpectedly (signal SIGKILL)"), "{log}");
+    assert!(
+        log.contains("exited unexpectedly (signal SIGKILL)"),
+        "{log}"
+    );
     // Slot, pid, cause and uptime in the line.
-    let line = log.lines().find(|l| l.contains("exited unexpectedly")).unwrap();
-    assert!(line.contains("slot=") && line.contains("pid=") && line.contains("after "), "{line}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("exited unexpectedly"))
+        .unwrap();
+    assert!(
+        line.contains("slot=") && line.contains("pid=") && line.contains("after "),
+        "{line}"
+    );
     assert_eq!(srv.status().unwrap()["restarts_in_window"], 5);
 }
 
@@ -68,19 +83,33 @@ fn hung_worker_is_detected_and_replaced_in_time() {
         c.set_timeout(Duration::from_secs(5));
         c.get("/chaos/hang")
     });
-    let (_, _) = wait_replaced(&srv, 0, old, Duration::from_secs(5)).expect("hung worker never replaced");
+    let (_, _) =
+        wait_replaced(&srv, 0, old, Duration::from_secs(5)).expect("hung worker never replaced");
     let took = t0.elapsed();
     eprintln!("FIGURES hung worker detected and replaced after {took:?} (bound 800ms)");
     assert!(took <= Duration::from_millis(800), "took {took:?}");
-    assert!(hang.join().unwrap().is_err(), "the hung request cannot succeed");
+    assert!(
+        hang.join().unwrap().is_err(),
+        "the hung request cannot succeed"
+    );
     assert!(!alive(old));
     assert_eq!(get(srv.port, "/").unwrap().status, 200);
-    assert!(srv.log_text().contains("missed 3 heartbeats"), "{}", srv.log_text());
+    assert!(
+        srv.log_text().contains("missed 3 heartbeats"),
+        "{}",
+        srv.log_text()
+    );
 }
 
 #[test]
 fn panic_gets_500_replacement_starts_before_the_old_worker_drains() {
-    let srv = Server::start(Launch::default().args(&["--chaos", "--workers", "1", "--drain-timeout", "5s"]));
+    let srv = Server::start(Launch::default().args(&[
+        "--chaos",
+        "--workers",
+        "1",
+        "--drain-timeout",
+        "5s",
+    ]));
     let old = srv.workers()[0].1;
     let port = srv.port;
     // A slow request in flight on the worker that is about to panic.
@@ -90,40 +119,67 @@ fn panic_gets_500_replacement_starts_before_the_old_worker_drains() {
     assert_eq!(r.status, 500);
     assert_eq!(r.header("connection"), Some("close"));
     let (new, took) = wait_replaced(&srv, 0, old, Duration::from_secs(2)).expect("no replacement");
-    assert!(alive(old), "the panicking worker is still draining its slow request");
+    assert!(
+        alive(old),
+        "the panicking worker is still draining its slow request"
+    );
     eprintln!("FIGURES panic→replacement ready {took:?} while the old worker drains");
     assert_eq!(get(srv.port, "/").unwrap().header("x-worker"), Some("0"));
-    let slow = slow.join().unwrap().expect("in-flight request on the panicking worker was cut");
+    let slow = slow
+        .join()
+        .unwrap()
+        .expect("in-flight request on the panicking worker was cut");
     assert_eq!(slow.status, 200);
     assert!(wait_until(Duration::from_secs(3), || (!alive(old)).then_some(())).is_some());
     assert!(alive(new));
     let log = srv.log_text();
     let leaving = log.find("worker is leaving").expect("leaving message");
-    let started = log[leaving..].find("worker started").expect("replacement start") + leaving;
+    let started = log[leaving..]
+        .find("worker started")
+        .expect("replacement start")
+        + leaving;
     let exited = log.find("retired: Leaving").expect("old worker exit");
-    assert!(started < exited, "replacement must start before the old worker exits:\n{log}");
+    assert!(
+        started < exited,
+        "replacement must start before the old worker exits:\n{log}"
+    );
 }
 
 #[test]
 fn boot_crash_loop_spends_the_budget_and_exits_69() {
     let dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::new(dir.path());
-    let mut srv = Server::spawn(Launch {
-        notify: Some(notify.path.clone()),
-        dir: Some(dir),
-        ..Default::default()
-    }
-    .args(&["--chaos-boot-crash", "--restart-limit", "5", "--restart-window", "60s"]));
+    let mut srv = Server::spawn(
+        Launch {
+            notify: Some(notify.path.clone()),
+            dir: Some(dir),
+            ..Default::default()
+        }
+        .args(&[
+            "--chaos-boot-crash",
+            "--restart-limit",
+            "5",
+            "--restart-window",
+            "60s",
+        ]),
+    );
     let t0 = Instant::now();
-    let status = srv.wait_exit(Duration::from_secs(20)).expect("master kept restarting");
+    let status = srv
+        .wait_exit(Duration::from_secs(20))
+        .expect("master kept restarting");
     eprintln!("FIGURES boot-crash loop gave up after {:?}", t0.elapsed());
     assert_eq!(status.code(), Some(69));
-    let msg = notify.wait_for("giving up", Duration::from_secs(1)).expect("STATUS=giving up");
+    let msg = notify
+        .wait_for("giving up", Duration::from_secs(1))
+        .expect("STATUS=giving up");
     assert!(msg.contains("ERRNO="), "{msg}");
     assert!(msg.contains("exceed restart_limit 5"), "{msg}");
     assert!(notify.messages.iter().all(|(_, m)| !m.contains("READY=1")));
     let log = srv.log_text();
-    assert!(log.contains("restarting in"), "backoff must space restarts:\n{log}");
+    assert!(
+        log.contains("restarting in"),
+        "backoff must space restarts:\n{log}"
+    );
 }
 
 #[test]
@@ -137,7 +193,13 @@ fn healthy_pool_never_trips_the_budget() {
 
 #[test]
 fn memory_limit_recycles_gracefully() {
-    let srv = Server::start(Launch::default().args(&["--chaos", "--workers", "1", "--max-memory", "48MiB"]));
+    let srv = Server::start(Launch::default().args(&[
+        "--chaos",
+        "--workers",
+        "1",
+        "--max-memory",
+        "48MiB",
+    ]));
     let old = srv.workers()[0].1;
     let r = get(srv.port, "/chaos/leak?mb=64").unwrap();
     assert_eq!(r.status, 200);
@@ -190,16 +252,29 @@ fn watchdog_pings_only_while_the_loop_turns() {
     notify.wait_for("READY=1", Duration::from_secs(5)).unwrap();
     notify.clear();
     notify.drain_for(Duration::from_millis(1000));
-    let pings = notify.messages.iter().filter(|(_, m)| m.contains("WATCHDOG=1")).count();
+    let pings = notify
+        .messages
+        .iter()
+        .filter(|(_, m)| m.contains("WATCHDOG=1"))
+        .count();
     assert!(pings >= 3, "expected a ping every ~200ms, got {pings}");
 
     // A stopped master sends nothing, so systemd would kill it.
     srv.signal(libc::SIGSTOP);
     notify.clear();
     notify.drain_for(Duration::from_millis(800));
-    assert!(notify.messages.iter().all(|(_, m)| !m.contains("WATCHDOG=1")));
+    assert!(
+        notify
+            .messages
+            .iter()
+            .all(|(_, m)| !m.contains("WATCHDOG=1"))
+    );
     srv.signal(libc::SIGCONT);
-    assert!(notify.wait_for("WATCHDOG=1", Duration::from_secs(2)).is_some());
+    assert!(
+        notify
+            .wait_for("WATCHDOG=1", Duration::from_secs(2))
+            .is_some()
+    );
 
     // A pool with no answering worker sends nothing either.
     let ws = srv.workers();
@@ -209,7 +284,11 @@ fn watchdog_pings_only_while_the_loop_turns() {
     std::thread::sleep(Duration::from_millis(2100)); // 2 heartbeat intervals: answers are stale
     notify.clear();
     notify.drain_for(Duration::from_millis(500));
-    let during = notify.messages.iter().filter(|(_, m)| m.contains("WATCHDOG=1")).count();
+    let during = notify
+        .messages
+        .iter()
+        .filter(|(_, m)| m.contains("WATCHDOG=1"))
+        .count();
     for w in &ws {
         unsafe { libc::kill(w.1, libc::SIGCONT) };
     }
@@ -224,7 +303,9 @@ fn ttin_ttou_scale_the_pool() {
         srv.signal(libc::SIGTTIN);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let three = wait_until(Duration::from_secs(3), || (srv.workers().iter().filter(|w| w.4 == "ready").count() == 3).then_some(()));
+    let three = wait_until(Duration::from_secs(3), || {
+        (srv.workers().iter().filter(|w| w.4 == "ready").count() == 3).then_some(())
+    });
     assert!(three.is_some(), "{:?}", srv.workers());
     let cpus: Vec<u64> = srv.workers().iter().map(|w| w.2).collect();
     let n = ncpus() as u64;
@@ -235,7 +316,9 @@ fn ttin_ttou_scale_the_pool() {
         srv.signal(libc::SIGTTOU);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let one = wait_until(Duration::from_secs(5), || (srv.workers().len() == 1).then_some(()));
+    let one = wait_until(Duration::from_secs(5), || {
+        (srv.workers().len() == 1).then_some(())
+    });
     assert!(one.is_some(), "never below one worker: {:?}", srv.workers());
     assert_eq!(get(srv.port, "/").unwrap().status, 200);
 }
@@ -260,7 +343,11 @@ fn chaos_under_load_loses_only_in_flight_requests() {
         kills += 1;
         let back = wait_until(Duration::from_secs(1), || {
             let ws = srv.workers();
-            (ws.iter().filter(|w| w.4 == "ready" && w.1 != victim.1).count() == target).then(|| t.elapsed())
+            (ws.iter()
+                .filter(|w| w.4 == "ready" && w.1 != victim.1)
+                .count()
+                == target)
+                .then(|| t.elapsed())
         })
         .expect("pool not back to full size");
         recoveries.push(back);
@@ -279,7 +366,14 @@ fn chaos_under_load_loses_only_in_flight_requests() {
     // Each client has at most one request in flight; a kill can only fail those in flight
     // on the killed worker at that moment.
     let bound = (kills * (clients_ka + clients_fresh)) as u64;
-    assert!(stats.failed <= bound, "{} failed > bound {bound}", stats.failed);
+    assert!(
+        stats.failed <= bound,
+        "{} failed > bound {bound}",
+        stats.failed
+    );
     assert!(stats.ok > 1000, "too little load: {}", stats.ok);
-    assert!(*recoveries.last().unwrap() <= Duration::from_millis(100), "{recoveries:?}");
+    assert!(
+        *recoveries.last().unwrap() <= Duration::from_millis(100),
+        "{recoveries:?}"
+    );
 }

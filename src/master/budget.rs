@@ -113,9 +113,15 @@ mod tests {
         let mut b = Backoff::default();
         let young = Duration::from_millis(10);
         let d1 = b.after_exit(young, min_up);
-        assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
+        assert!(
+            d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100),
+            "{d1:?}"
+        );
         let d2 = b.after_exit(young, min_up);
-        assert!(d2 >= Duration::from_millis(100) && d2 <= Duration::from_millis(200), "{d2:?}");
+        assert!(
+            d2 >= Duration::from_millis(100) && d2 <= Duration::from_millis(200),
+            "{d2:?}"
+        );
         for _ in 0..20 {
             assert!(b.after_exit(young, min_up) <= BACKOFF_CAP);
         }

@@ -60,7 +60,11 @@ enum Phase {
     Serving,
     Rolling(Box<Rollover>),
     /// Draining everything before exiting with `code`.
-    Stopping { deadline: Instant, code: i32, killed: bool },
+    Stopping {
+        deadline: Instant,
+        code: i32,
+        killed: bool,
+    },
 }
 
 pub struct Master {
@@ -75,6 +79,8 @@ pub struct Master {
     phase: Phase,
     /// Reload requests that arrived during a rollover: one follow-up rollover serves them all.
     reload_queue: Option<Vec<tokio::sync::oneshot::Sender<Reply>>>,
+    /// Highest generation number ever started, so a failed reload's number is not reused.
+    last_generation: u64,
     last_reload: Option<control::ReloadReport>,
     channel_tx: mpsc::UnboundedSender<ChannelEvent>,
     channel_rx: mpsc::UnboundedReceiver<ChannelEvent>,
@@ -97,7 +103,10 @@ impl Master {
             .map_err(|e| exit::Fatal::os(format!("cannot open own executable: {e}")))?;
         let (channel_tx, channel_rx) = mpsc::unbounded_channel();
         let now = Instant::now();
-        let control_path = config.control_socket.clone().unwrap_or_else(control::default_path);
+        let control_path = config
+            .control_socket
+            .clone()
+            .unwrap_or_else(control::default_path);
         let mut pool = Pool::new();
         resize_slots(&mut pool, config.workers, &cpus, now);
         Ok(Master {
@@ -111,6 +120,7 @@ impl Master {
             notifier,
             phase: Phase::Booting,
             reload_queue: None,
+            last_generation: 1,
             last_reload: None,
             channel_tx,
             channel_rx,
@@ -190,12 +200,15 @@ impl Master {
         match ev {
             ChannelEvent::Message { pid, msg } => self.on_message(pid, msg, now),
             ChannelEvent::Closed { pid, error } => {
-                if let Some(w) = self.pool.workers.get_mut(&pid) {
-                    if let Some(e) = error {
-                        // A worker speaking garbage cannot be trusted to be healthy.
-                        warn!(slot = w.slot, pid, "IPC protocol error from worker: {e}; killing it");
-                        w.kill(format!("IPC protocol error: {e}"));
-                    }
+                if let Some(w) = self.pool.workers.get_mut(&pid)
+                    && let Some(e) = error
+                {
+                    // A worker speaking garbage cannot be trusted to be healthy.
+                    warn!(
+                        slot = w.slot,
+                        pid, "IPC protocol error from worker: {e}; killing it"
+                    );
+                    w.kill(format!("IPC protocol error: {e}"));
                 }
             }
         }
@@ -203,7 +216,9 @@ impl Master {
 
     fn on_message(&mut self, pid: i32, msg: ToMaster, now: Instant) {
         let drain_timeout = self.config.drain_timeout;
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        let Some(w) = self.pool.workers.get_mut(&pid) else {
+            return;
+        };
         match msg {
             ToMaster::Ready => {
                 if w.state == WorkerState::Starting {
@@ -239,12 +254,18 @@ impl Master {
                 w.requests = requests;
                 w.connections = connections;
                 if w.request_limit > 0 && requests >= w.request_limit && w.retire.is_none() {
-                    info!(slot = w.slot, pid, "worker served {requests} requests (max_requests): recycling it");
+                    info!(
+                        slot = w.slot,
+                        pid, "worker served {requests} requests (max_requests): recycling it"
+                    );
                     w.retire = Some(Retire::Recycle(format!("served {requests} requests")));
                 }
             }
             ToMaster::Leaving { reason } => {
-                warn!(slot = w.slot, pid, "worker is leaving: {reason}; starting its replacement");
+                warn!(
+                    slot = w.slot,
+                    pid, "worker is leaving: {reason}; starting its replacement"
+                );
                 w.retire = Some(Retire::Leaving(reason));
                 w.state = WorkerState::Draining {
                     deadline: now + drain_timeout + Duration::from_secs(1),
@@ -292,7 +313,10 @@ impl Master {
         }
         info!("pool scaled from {old} to {new} workers");
         if new > self.cpus.len() {
-            info!("{new} workers on {} CPUs: workers share CPUs round-robin", self.cpus.len());
+            info!(
+                "{new} workers on {} CPUs: workers share CPUs round-robin",
+                self.cpus.len()
+            );
         }
     }
 
@@ -313,7 +337,9 @@ impl Master {
                 ),
                 _ => continue,
             };
-            let Some(w) = self.pool.workers.remove(&pid) else { continue };
+            let Some(w) = self.pool.workers.remove(&pid) else {
+                continue;
+            };
             self.pool.requests_retired += w.requests;
             self.on_exit(w, cause, now);
         }
@@ -336,38 +362,62 @@ impl Master {
             return;
         }
         if matches!(self.phase, Phase::Stopping { .. }) {
-            info!(slot = w.slot, pid = w.pid, "worker exited ({cause}) during shutdown");
+            info!(
+                slot = w.slot,
+                pid = w.pid,
+                "worker exited ({cause}) during shutdown"
+            );
             return;
         }
-        if let Phase::Rolling(r) = &mut self.phase {
-            if w.generation == r.generation {
-                r.failed.get_or_insert(format!(
-                    "new worker {} (pid {}) exited while starting: {cause}",
-                    w.slot, w.pid
-                ));
-                warn!(slot = w.slot, pid = w.pid, "new-generation worker exited ({cause})");
-                return;
-            }
+        if let Phase::Rolling(r) = &mut self.phase
+            && w.generation == r.generation
+        {
+            r.failed.get_or_insert(format!(
+                "new worker {} (pid {}) exited while starting: {cause}",
+                w.slot, w.pid
+            ));
+            warn!(
+                slot = w.slot,
+                pid = w.pid,
+                "new-generation worker exited ({cause})"
+            );
+            return;
         }
         if w.generation != self.pool.generation {
-            info!(slot = w.slot, pid = w.pid, "old-generation worker exited ({cause})");
+            info!(
+                slot = w.slot,
+                pid = w.pid,
+                "old-generation worker exited ({cause})"
+            );
             return;
         }
-        let lived = if w.ready_at.is_some() { uptime } else { Duration::ZERO };
+        let lived = if w.ready_at.is_some() {
+            uptime
+        } else {
+            Duration::ZERO
+        };
         warn!(
             slot = w.slot,
             pid = w.pid,
             generation = w.generation,
             "worker exited unexpectedly ({cause}) after {:.1}s{}; replacing it",
             uptime.as_secs_f64(),
-            if w.ready_at.is_none() { " while booting" } else { "" }
+            if w.ready_at.is_none() {
+                " while booting"
+            } else {
+                ""
+            }
         );
         if let Some(slot) = self.pool.slots.get_mut(w.slot) {
             slot.restarts += 1;
             let delay = slot.backoff.after_exit(lived, self.config.min_uptime);
             slot.next_start = now + delay;
             if !delay.is_zero() {
-                info!(slot = w.slot, "restarting in {} ms (backoff)", delay.as_millis());
+                info!(
+                    slot = w.slot,
+                    "restarting in {} ms (backoff)",
+                    delay.as_millis()
+                );
             }
         }
         if !self.budget.record(now) {
@@ -396,11 +446,20 @@ impl Master {
                         "worker missed {misses} heartbeats (silent for {} ms): killing it",
                         silent.as_millis()
                     );
-                    w.kill(format!("hung, no heartbeat answer for {} ms", silent.as_millis()));
+                    w.kill(format!(
+                        "hung, no heartbeat answer for {} ms",
+                        silent.as_millis()
+                    ));
                 }
                 WorkerState::Starting if now.duration_since(w.started) > ready_timeout => {
-                    warn!(slot = w.slot, pid = w.pid, "worker not ready after {ready_timeout:?}: killing it");
-                    w.kill(format!("not ready within ready_timeout ({ready_timeout:?})"));
+                    warn!(
+                        slot = w.slot,
+                        pid = w.pid,
+                        "worker not ready after {ready_timeout:?}: killing it"
+                    );
+                    w.kill(format!(
+                        "not ready within ready_timeout ({ready_timeout:?})"
+                    ));
                 }
                 WorkerState::Draining { deadline } if now > deadline => {
                     warn!(
@@ -409,7 +468,10 @@ impl Master {
                         "worker still draining at its deadline: killing it, cutting {} connection(s)",
                         w.connections
                     );
-                    w.kill(format!("drain timeout, {} connection(s) cut", w.connections));
+                    w.kill(format!(
+                        "drain timeout, {} connection(s) cut",
+                        w.connections
+                    ));
                 }
                 _ => {}
             }
@@ -436,7 +498,11 @@ impl Master {
             if let Some(m) = memory::read(w.pid) {
                 w.memory = m;
             }
-            if max > 0 && w.memory.charged() > max && w.retire.is_none() && w.state == WorkerState::Ready {
+            if max > 0
+                && w.memory.charged() > max
+                && w.retire.is_none()
+                && w.state == WorkerState::Ready
+            {
                 let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
                 info!(
                     slot = w.slot,
@@ -460,7 +526,9 @@ impl Master {
         }
         let generation = self.pool.generation;
         for slot in 0..self.pool.slots.len() {
-            if self.pool.holder(generation, slot).is_some() || now < self.pool.slots[slot].next_start {
+            if self.pool.holder(generation, slot).is_some()
+                || now < self.pool.slots[slot].next_start
+            {
                 continue;
             }
             if let Err(e) = self.spawn_worker(slot, generation, None) {
@@ -602,7 +670,10 @@ impl Master {
         if !already {
             self.abort_rollover_for_stop();
             let n = self.pool.workers.len();
-            info!("{why}: stopping, draining {n} worker(s) for up to {:?}", self.config.shutdown_timeout);
+            info!(
+                "{why}: stopping, draining {n} worker(s) for up to {:?}",
+                self.config.shutdown_timeout
+            );
             self.notifier
                 .stopping(&format!("stopping ({why}): draining {n} worker(s)"));
             self.phase = Phase::Stopping {
@@ -655,7 +726,12 @@ impl Master {
 
     /// While stopping: kill what overran the deadline, and say when everything is gone.
     fn advance_stop(&mut self, now: Instant) -> Option<i32> {
-        let Phase::Stopping { deadline, code, killed } = &mut self.phase else {
+        let Phase::Stopping {
+            deadline,
+            code,
+            killed,
+        } = &mut self.phase
+        else {
             return None;
         };
         if self.pool.workers.is_empty() {
@@ -680,7 +756,8 @@ impl Master {
     // ---- telling systemd and the operator --------------------------------------------------
 
     fn report(&mut self, now: Instant) {
-        if matches!(self.phase, Phase::Booting) && self.pool.generation_ready(self.pool.generation) {
+        if matches!(self.phase, Phase::Booting) && self.pool.generation_ready(self.pool.generation)
+        {
             self.phase = Phase::Serving;
             let status = self.status_line(now);
             info!(
@@ -696,11 +773,12 @@ impl Master {
             let status = self.status_line(now);
             self.notifier.status(&status);
         }
-        if let Some(period) = self.notifier.watchdog() {
-            if now >= self.next_watchdog && self.pool_is_healthy(now) {
-                self.notifier.watchdog_ping();
-                self.next_watchdog = now + period / 2;
-            }
+        if let Some(period) = self.notifier.watchdog()
+            && now >= self.next_watchdog
+            && self.pool_is_healthy(now)
+        {
+            self.notifier.watchdog_ping();
+            self.next_watchdog = now + period / 2;
         }
     }
 
@@ -708,7 +786,9 @@ impl Master {
     fn pool_is_healthy(&self, now: Instant) -> bool {
         let fresh = self.config.heartbeat_interval * 2;
         self.pool.workers.values().any(|w| {
-            w.state == WorkerState::Ready && w.killed.is_none() && now.duration_since(w.last_pong) <= fresh
+            w.state == WorkerState::Ready
+                && w.killed.is_none()
+                && now.duration_since(w.last_pong) <= fresh
         })
     }
 
@@ -772,7 +852,11 @@ impl Master {
             restarts_in_window: self.budget.used(now),
             restart_limit: self.budget.limit(),
             restart_window_secs: self.budget.window().as_secs(),
-            listeners: self.listeners.iter().map(|l| l.description.clone()).collect(),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| l.description.clone())
+                .collect(),
             last_reload: self.last_reload.clone(),
             workers,
         }

@@ -140,7 +140,9 @@ impl Pool {
     pub fn serving(&self) -> usize {
         self.workers
             .values()
-            .filter(|w| w.generation == self.generation && w.state == WorkerState::Ready && w.holds_slot())
+            .filter(|w| {
+                w.generation == self.generation && w.state == WorkerState::Ready && w.holds_slot()
+            })
             .count()
     }
 

@@ -48,7 +48,8 @@ impl Master {
     pub(super) fn begin_rollover(&mut self, waiters: Vec<oneshot::Sender<Reply>>) {
         let now = Instant::now();
         self.notifier.reloading();
-        let next = self.pool.generation + 1;
+        self.last_generation += 1;
+        let next = self.last_generation;
         info!("reload: starting generation {next}");
         let config = match Config::load(&self.args, self.cpus.len()) {
             Ok(c) => c,
@@ -93,7 +94,9 @@ impl Master {
 
     /// Moves a rollover along; see the module docs for the steps.
     pub(super) fn advance_rollover(&mut self, now: Instant) {
-        let Phase::Rolling(r) = &mut self.phase else { return };
+        let Phase::Rolling(r) = &mut self.phase else {
+            return;
+        };
         match r.step {
             Step::Starting { deadline } => {
                 let problem = r.failed.clone().or_else(|| {
@@ -112,7 +115,11 @@ impl Master {
                 }
             }
             Step::Draining { deadline } => {
-                let old = self.pool.workers.values().any(|w| w.generation < r.generation);
+                let old = self
+                    .pool
+                    .workers
+                    .values()
+                    .any(|w| w.generation < r.generation);
                 if !old {
                     return self.finish_ok(now);
                 }
@@ -137,7 +144,9 @@ impl Master {
 
     /// Every new worker is ready: they serve now, the old generation drains.
     fn promote(&mut self, now: Instant) {
-        let Phase::Rolling(r) = &mut self.phase else { return };
+        let Phase::Rolling(r) = &mut self.phase else {
+            return;
+        };
         let new = r.generation;
         let drain = r.config.drain_timeout;
         std::mem::swap(&mut self.config, &mut r.config);
@@ -150,7 +159,12 @@ impl Master {
             slot.backoff.reset();
         }
         let mut n = 0;
-        for w in self.pool.workers.values_mut().filter(|w| w.generation < new) {
+        for w in self
+            .pool
+            .workers
+            .values_mut()
+            .filter(|w| w.generation < new)
+        {
             w.retire.get_or_insert(Retire::Superseded);
             w.drain(drain, now);
             n += 1;
@@ -169,7 +183,12 @@ impl Master {
             return;
         };
         let drain = self.config.drain_timeout;
-        for w in self.pool.workers.values_mut().filter(|w| w.generation == r.generation) {
+        for w in self
+            .pool
+            .workers
+            .values_mut()
+            .filter(|w| w.generation == r.generation)
+        {
             w.retire = Some(Retire::RolledBack);
             if w.state == WorkerState::Starting {
                 w.kill("reload rolled back".into());
@@ -206,7 +225,13 @@ impl Master {
     }
 
     /// Ends a failed reload: the serving generation is untouched.
-    fn finish_failed(&mut self, waiters: Vec<oneshot::Sender<Reply>>, started: Instant, generation: u64, why: String) {
+    fn finish_failed(
+        &mut self,
+        waiters: Vec<oneshot::Sender<Reply>>,
+        started: Instant,
+        generation: u64,
+        why: String,
+    ) {
         self.phase = Phase::Serving;
         let now = Instant::now();
         let ms = now.duration_since(started).as_millis() as u64;
@@ -231,7 +256,10 @@ impl Master {
     /// Starts the one rollover that serves every reload requested meanwhile.
     fn follow_up(&mut self) {
         if let Some(queued) = self.reload_queue.take() {
-            info!("reload: running the {} queued request(s) as one follow-up", queued.len().max(1));
+            info!(
+                "reload: running the {} queued request(s) as one follow-up",
+                queued.len().max(1)
+            );
             self.begin_rollover(queued);
         }
     }

@@ -114,7 +114,10 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
     // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks the index.
     let mut cpuset: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     if req.cpu >= libc::CPU_SETSIZE as usize {
-        return Err(std::io::Error::other(format!("CPU {} out of range", req.cpu)));
+        return Err(std::io::Error::other(format!(
+            "CPU {} out of range",
+            req.cpu
+        )));
     }
     unsafe { libc::CPU_SET(req.cpu, &mut cpuset) };
     let master_pid = std::process::id() as i32;
@@ -142,7 +145,14 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
             if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &cpuset) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() != master_pid {
@@ -170,4 +180,3 @@ pub fn allowed_cpus() -> Vec<usize> {
         Err(_) => vec![0],
     }
 }
-

@@ -34,7 +34,9 @@ pub async fn handle(req: ServiceRequest) -> ServiceResponse {
                 l.push(block);
                 l.iter().map(Vec::len).sum::<usize>() >> 20
             });
-            Response::new(Full::new(Bytes::from(format!("leaked {mb} MiB, {total} MiB held\n"))))
+            Response::new(Full::new(Bytes::from(format!(
+                "leaked {mb} MiB, {total} MiB held\n"
+            ))))
         }
         _ => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"no such chaos\n")));

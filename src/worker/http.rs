@@ -50,7 +50,10 @@ pub fn take_listeners(n: usize) -> Result<Vec<Listener>, String> {
         // SAFETY: the master placed this listening socket here for us; nothing else owns it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         let is_unix = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd)
-            .map(|a| nix::sys::socket::SockaddrLike::family(&a) == Some(nix::sys::socket::AddressFamily::Unix))
+            .map(|a| {
+                nix::sys::socket::SockaddrLike::family(&a)
+                    == Some(nix::sys::socket::AddressFamily::Unix)
+            })
             .unwrap_or(false);
         let l = if is_unix {
             let std = std::os::unix::net::UnixListener::from(owned);
@@ -88,7 +91,10 @@ impl Server {
     }
 
     /// One request: limits, the service (or a chaos route), panic containment, headers.
-    async fn handle(self: Rc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    async fn handle(
+        self: Rc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
         self.stats.requests.set(self.stats.requests.get() + 1);
         let too_large = req
             .headers()
@@ -99,7 +105,8 @@ impl Server {
         let mut resp = if too_large {
             let mut r = plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
             // The unread body would otherwise be parsed as the next request.
-            r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            r.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
             r
         } else {
             let req = req.map(|b| Limited::new(b, self.limits.max_body_bytes as usize));
@@ -118,17 +125,23 @@ impl Server {
                         .map(|s| s.to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
-                    error!("request handler panicked: {what}; this worker will drain and be replaced");
-                    self.stats.leave(format!("request handler panicked: {what}"));
+                    error!(
+                        "request handler panicked: {what}; this worker will drain and be replaced"
+                    );
+                    self.stats
+                        .leave(format!("request handler panicked: {what}"));
                     let mut r = plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
-                    r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                    r.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
                     r
                 }
             }
         };
-        resp.headers_mut().insert("x-worker", self.worker_header.clone());
+        resp.headers_mut()
+            .insert("x-worker", self.worker_header.clone());
         if self.shutdown.is_draining() {
-            resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         Ok(resp)
     }

@@ -71,7 +71,10 @@ impl Stats {
 
 pub fn run(args: WorkerArgs) -> i32 {
     set_process_name(args.slot);
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("worker {}: cannot build runtime: {e}", args.slot);
@@ -140,7 +143,12 @@ async fn serve(args: WorkerArgs) -> i32 {
     };
     let stats = Rc::new(Stats::default());
     let (trigger, shutdown) = shutdown::channel();
-    let server = Rc::new(http::Server::new(&setup, args.slot, stats.clone(), shutdown.clone()));
+    let server = Rc::new(http::Server::new(
+        &setup,
+        args.slot,
+        stats.clone(),
+        shutdown.clone(),
+    ));
     for l in listeners {
         tokio::task::spawn_local(http::accept_loop(l, server.clone(), shutdown.clone()));
     }
@@ -192,7 +200,12 @@ async fn serve(args: WorkerArgs) -> i32 {
 
 /// Stops accepting, lets in-flight requests finish within `timeout`, then returns the exit
 /// code. Keeps watching the channel so a dead master still ends the worker promptly.
-async fn drain<S>(trigger: shutdown::Trigger, stats: &Stats, timeout: Duration, from_master: &mut S) -> i32
+async fn drain<S>(
+    trigger: shutdown::Trigger,
+    stats: &Stats,
+    timeout: Duration,
+    from_master: &mut S,
+) -> i32
 where
     S: futures_util::Stream + Unpin,
 {

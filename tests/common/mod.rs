@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 pub const APP: &str = env!("CARGO_BIN_EXE_app");
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
@@ -43,7 +47,8 @@ impl NotifySocket {
     pub fn new(dir: &Path) -> NotifySocket {
         let path = dir.join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
         NotifySocket {
             path,
             sock,
@@ -94,6 +99,7 @@ pub struct Server {
     pub log: PathBuf,
 }
 
+#[derive(Default)]
 pub struct Launch {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -101,19 +107,6 @@ pub struct Launch {
     pub notify: Option<PathBuf>,
     pub binary: Option<PathBuf>,
     pub dir: Option<tempfile::TempDir>,
-}
-
-impl Default for Launch {
-    fn default() -> Self {
-        Launch {
-            args: Vec::new(),
-            env: Vec::new(),
-            socket_activate: false,
-            notify: None,
-            binary: None,
-            dir: None,
-        }
-    }
 }
 
 impl Launch {
@@ -152,7 +145,9 @@ impl Server {
             c
         } else {
             let mut c = Command::new(&bin);
-            c.arg("serve").arg("--bind").arg(format!("127.0.0.1:{port}"));
+            c.arg("serve")
+                .arg("--bind")
+                .arg(format!("127.0.0.1:{port}"));
             c.env("APP_CONTROL_SOCKET", &control);
             if let Some(n) = &l.notify {
                 c.env("NOTIFY_SOCKET", n);
@@ -184,8 +179,14 @@ impl Server {
     }
 
     pub fn wait_serving(&self) {
-        let ok = wait_until(Duration::from_secs(10), || get(self.port, "/healthz").ok().filter(|r| r.status == 200));
-        assert!(ok.is_some(), "server never answered; log:\n{}", self.log_text());
+        let ok = wait_until(Duration::from_secs(10), || {
+            get(self.port, "/healthz").ok().filter(|r| r.status == 200)
+        });
+        assert!(
+            ok.is_some(),
+            "server never answered; log:\n{}",
+            self.log_text()
+        );
         // All workers, not just the first one, must be up.
         let n = wait_until(Duration::from_secs(10), || {
             let s = self.status().ok()?;
@@ -263,7 +264,12 @@ impl Drop for Server {
 pub fn alive(pid: i32) -> bool {
     // A zombie is dead for our purposes.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -298,7 +304,9 @@ impl Response {
 /// One request on a fresh connection.
 pub fn get(port: u16, path: &str) -> std::io::Result<Response> {
     let mut c = Conn::open(port)?;
-    c.request(&format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
+    c.request(&format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    ))
 }
 
 /// A keep-alive connection.
@@ -338,7 +346,10 @@ impl Conn {
     pub fn read_response(&mut self) -> std::io::Result<Response> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a response"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before a response",
+            ));
         }
         let status: u16 = line
             .split_whitespace()
@@ -369,7 +380,10 @@ impl Conn {
             headers,
             body: String::from_utf8_lossy(&body).to_string(),
         };
-        if resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+        if resp
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+        {
             self.closed = true;
         }
         Ok(resp)
@@ -455,7 +469,9 @@ pub fn cpus_allowed(pid: i32) -> String {
 }
 
 pub fn ncpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Runs `app serve ...` to completion (for start-up errors): (exit code, stderr).
@@ -465,5 +481,8 @@ pub fn run_to_exit(mut cmd: Command) -> (i32, String) {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
