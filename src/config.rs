@@ -36,6 +36,9 @@ pub struct HttpLimits {
     /// A client must finish sending request headers within this time.
     #[serde(with = "duration_ms")]
     pub header_read_timeout: Duration,
+    /// A keep-alive connection idle this long between requests is closed.
+    #[serde(with = "duration_ms")]
+    pub keepalive_timeout: Duration,
     /// Largest request head (request line + headers) in bytes; larger gets 431.
     pub max_header_bytes: usize,
     /// Largest request body in bytes; larger gets 413.
@@ -164,6 +167,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileHttp {
     header_read_timeout: Option<String>,
+    keepalive_timeout: Option<String>,
     max_header_bytes: Option<SizeValue>,
     max_body_bytes: Option<SizeValue>,
     max_connections: Option<usize>,
@@ -269,6 +273,8 @@ impl Config {
                 "http.header_read_timeout",
             )?
             .unwrap_or(Duration::from_secs(10)),
+            keepalive_timeout: file_duration(&f.http.keepalive_timeout, "http.keepalive_timeout")?
+                .unwrap_or(Duration::from_secs(75)),
             max_header_bytes: match &f.http.max_header_bytes {
                 Some(v) => usize::try_from(v.resolve("http.max_header_bytes")?)
                     .map_err(|_| invalid("http.max_header_bytes", "too large"))?,
@@ -364,6 +370,7 @@ impl Config {
             ("ready_timeout", self.ready_timeout),
             ("restart_window", self.restart_window),
             ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.keepalive_timeout", self.http.keepalive_timeout),
         ] {
             check(!d.is_zero(), key, "must be greater than zero".into())?;
         }
@@ -383,9 +390,9 @@ impl Config {
             "must be at least 1".into(),
         )?;
         check(
-            self.http.max_header_bytes >= 8192,
+            self.http.max_header_bytes >= 1024,
             "http.max_header_bytes",
-            format!("must be at least 8192 (got {})", self.http.max_header_bytes),
+            format!("must be at least 1024 (got {})", self.http.max_header_bytes),
         )?;
         check(
             self.http.max_connections >= 1,

@@ -23,13 +23,14 @@ use hyper::header::{CONNECTION, CONTENT_LENGTH, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tracing::{debug, error, warn};
 
 use super::Stats;
 use super::chaos;
+use super::timeouts::{ConnClock, Expired, Watched};
 use crate::config::HttpLimits;
 use crate::ipc::WorkerSetup;
 use crate::listen::{LISTEN_FDS_START, check_listening_stream};
@@ -234,8 +235,9 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Serves one connection; when the drain reaches [`Stage::CloseIdle`], asks hyper to close
-/// it after the request in flight (or at once when idle).
+/// Serves one connection. Its own clock enforces the head and keep-alive timeouts; when the
+/// drain reaches [`Stage::CloseIdle`], hyper is asked to close it after the request in
+/// flight (or at once when idle).
 async fn serve_connection<IO>(io: IO, server: Rc<Server>, mut shutdown: Shutdown)
 where
     IO: AsyncRead + AsyncWrite + Unpin + 'static,
@@ -243,20 +245,46 @@ where
     let stats = server.stats.clone();
     stats.connections.set(stats.connections.get() + 1);
     let limits = server.limits.clone();
-    let svc = service_fn(move |req| server.clone().handle(req));
+    let clock = ConnClock::new(limits.header_read_timeout, limits.keepalive_timeout);
+    let svc = {
+        let clock = clock.clone();
+        service_fn(move |req| {
+            let server = server.clone();
+            let clock = clock.clone();
+            async move {
+                clock.request_started();
+                let r = server.handle(req).await;
+                clock.request_finished();
+                r
+            }
+        })
+    };
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
+        .header_read_timeout(None)
+        .max_header_size(limits.max_header_bytes)
         .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let conn = builder.serve_connection(TokioIo::new(Watched::new(io, clock.clone())), svc);
     let mut conn = std::pin::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.reached(Stage::CloseIdle) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = shutdown.reached(Stage::CloseIdle), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep_until(clock.next_check()), if !closing => match clock.expired() {
+                Some(Expired::Head) => {
+                    debug!("client sent no complete request head within {:?}: closing", limits.header_read_timeout);
+                    break Ok(());
+                }
+                Some(Expired::Idle) => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                None => {}
+            },
         }
     };
     if let Err(e) = result {

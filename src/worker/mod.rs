@@ -10,6 +10,7 @@
 
 mod chaos;
 mod http;
+mod timeouts;
 
 use std::cell::Cell;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
