@@ -26,8 +26,8 @@ use crate::exit;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_REQUEST: usize = 4096;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
     Reload,
@@ -225,9 +225,25 @@ async fn handle_client(stream: UnixStream, me: u32, tx: mpsc::UnboundedSender<In
     }
 }
 
+/// The request as it arrives; a struct so that unknown fields are refused (serde ignores
+/// them on tagged unit variants).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireRequest {
+    cmd: String,
+}
+
 /// Parses one request line; the error is the reply text.
 pub fn parse_request(line: &str) -> Result<Request, String> {
-    serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))
+    let wire: WireRequest =
+        serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))?;
+    match wire.cmd.as_str() {
+        "status" => Ok(Request::Status),
+        "reload" => Ok(Request::Reload),
+        other => Err(format!(
+            "bad request: unknown command {other:?} (expected status or reload)"
+        )),
+    }
 }
 
 async fn write_reply(

@@ -216,10 +216,18 @@ fn bind_tcp(addr: SocketAddr) -> Result<Listener, Fatal> {
     })
 }
 
-/// Duplicates `fd` to a number >= [`HIGH_FD_FLOOR`] with close-on-exec, closing the original.
+/// Duplicates `fd` with close-on-exec, preferably to a number >= [`HIGH_FD_FLOOR`] (out of
+/// the way of the low numbers workers receive), closing the original. Under a descriptor
+/// limit below the floor it takes the lowest free number instead.
 pub fn move_high(fd: OwnedFd) -> Result<OwnedFd, Fatal> {
-    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we own.
-    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD_FLOOR) };
+    let dup = |floor: RawFd| {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) }
+    };
+    let mut new = dup(HIGH_FD_FLOOR);
+    if new < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        new = dup(0);
+    }
     if new < 0 {
         return Err(Fatal::os(format!(
             "fcntl(F_DUPFD_CLOEXEC): {}",

@@ -100,8 +100,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
     .map_err(std::io::Error::from)?;
     let worker_end = move_high(worker_end).map_err(std::io::Error::other)?;
 
-    // Source → target descriptor moves, decided before fork. All sources are >= 100 and all
-    // targets below, so no move can clobber a source still to be moved.
+    // Source → target descriptor moves, decided before fork (no allocation after it).
     let mut moves: Vec<(RawFd, RawFd)> = req
         .listeners
         .iter()
@@ -110,7 +109,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
         .collect();
     let ipc_fd = LISTEN_FDS_START + req.listeners.len() as RawFd;
     moves.push((worker_end.as_raw_fd(), ipc_fd));
-
+    let mut staged: Vec<RawFd> = vec![-1; moves.len()];
     // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks the index.
     let mut cpuset: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     if req.cpu >= libc::CPU_SETSIZE as usize {
@@ -137,8 +136,17 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
     // sched_setaffinity, prctl, getppid, kill) on data prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
-            for &(src, dst) in &moves {
-                if libc::dup2(src, dst) < 0 {
+            // Two phases, so that no move clobbers a source still to be moved: first copy
+            // every source above the highest target (close-on-exec, so the copies vanish
+            // at exec), then put each copy in place; dup2 clears close-on-exec there.
+            for (i, &(src, _)) in moves.iter().enumerate() {
+                staged[i] = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, ipc_fd + 1);
+                if staged[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &(_, dst)) in moves.iter().enumerate() {
+                if libc::dup2(staged[i], dst) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }

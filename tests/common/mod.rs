@@ -330,6 +330,11 @@ impl Conn {
         self.reader.get_ref().set_read_timeout(Some(d)).unwrap();
     }
 
+    /// Reads whatever arrives next; Ok(0) means the server closed the connection.
+    pub fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reader.read(buf)
+    }
+
     pub fn send_raw(&mut self, raw: &[u8]) -> std::io::Result<()> {
         self.reader.get_mut().write_all(raw)
     }
