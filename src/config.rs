@@ -364,6 +364,24 @@ impl Config {
                 format!("{:?} is not a level or filter ({e})", self.log_level),
             )
         })?;
+        // Bounded so that deadline arithmetic (now + timeout) can never overflow.
+        const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+        for (key, d) in [
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("min_uptime", self.min_uptime),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("drain_timeout", self.drain_timeout),
+            ("ready_timeout", self.ready_timeout),
+            ("restart_window", self.restart_window),
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.keepalive_timeout", self.http.keepalive_timeout),
+        ] {
+            check(
+                d <= MAX_DURATION,
+                key,
+                format!("must be at most 24h (got {d:?})"),
+            )?;
+        }
         for (key, d) in [
             ("shutdown_timeout", self.shutdown_timeout),
             ("drain_timeout", self.drain_timeout),
@@ -380,9 +398,9 @@ impl Config {
             format!("must be at least 10ms (got {:?})", self.heartbeat_interval),
         )?;
         check(
-            self.heartbeat_misses >= 1,
+            (1..=1000).contains(&self.heartbeat_misses),
             "heartbeat_misses",
-            "must be at least 1".into(),
+            format!("must be between 1 and 1000 (got {})", self.heartbeat_misses),
         )?;
         check(
             self.restart_limit >= 1,
@@ -395,9 +413,12 @@ impl Config {
             format!("must be at least 1024 (got {})", self.http.max_header_bytes),
         )?;
         check(
-            self.http.max_connections >= 1,
+            (1..=1_000_000).contains(&self.http.max_connections),
             "http.max_connections",
-            "must be at least 1".into(),
+            format!(
+                "must be between 1 and 1000000 (got {})",
+                self.http.max_connections
+            ),
         )?;
         check(
             self.max_memory == 0 || self.max_memory >= 1 << 20,
@@ -436,6 +457,13 @@ mod duration_ms {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
     }
+}
+
+/// The file's text alone (no flags, no environment) through the same merge and validation.
+#[cfg(test)]
+pub fn from_text(text: &str, default_workers: usize) -> Result<Config, Fatal> {
+    let f = parse_file(text).map_err(Fatal::config)?;
+    Config::merge(&ServeArgs::default(), f, default_workers)
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 mod config;
 mod control;
 mod exit;
+#[cfg(test)]
+mod fuzz;
 mod ipc;
 mod listen;
 mod logging;

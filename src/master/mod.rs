@@ -570,7 +570,9 @@ impl Master {
             crash_on_boot: config.chaos_boot_crash,
         };
         let request_limit = if config.max_requests > 0 {
-            config.max_requests + fastrand::u64(0..=config.max_requests_jitter)
+            config
+                .max_requests
+                .saturating_add(fastrand::u64(0..=config.max_requests_jitter))
         } else {
             0
         };
