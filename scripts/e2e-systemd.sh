@@ -233,10 +233,12 @@ init_pid() {  # host PID of the container's systemd
     return 1
 }
 
-# IN CMD...: run CMD inside the container (all its namespaces, clean env)
+# IN CMD...: run CMD inside the container (all its namespaces, clean env),
+# killed after IN_TIMEOUT seconds so that nothing can hang the run
+IN_TIMEOUT=120
 IN() {
     nsenter -t "$INIT" -a -- /usr/bin/env -i PATH="$IN_PATH" HOME=/root LANG=C.UTF-8 TERM=dumb \
-        SYSTEMD_PAGER= PAGER=cat SYSTEMD_COLORS=0 "$@"
+        SYSTEMD_PAGER= PAGER=cat SYSTEMD_COLORS=0 timeout -k 5 "$IN_TIMEOUT" "$@"
 }
 
 boot_sandbox() {
@@ -353,7 +355,14 @@ run_check() {
     case " $CHECKS " in *" $name "*) ;; *) return 0 ;; esac
     REASON=""
     t0=$(now_ms)
-    "$fn"; rc=$?
+    if [ "${ACTIVATION_FAILED:-0}" = 1 ] && [ "$name" != analyze ]; then
+        # everything else needs a running service: fail fast instead of
+        # waiting for timeouts in every check
+        REASON="not run: the service did not start (see the activation check)"; rc=1
+    else
+        "$fn"; rc=$?
+    fi
+    [ "$name" = activation ] && [ "$rc" != 0 ] && ACTIVATION_FAILED=1
     ms=$(( $(now_ms) - t0 ))
     if [ "$rc" = 0 ]; then
         PASSED=$((PASSED + 1)); printf 'PASS  %-14s %6d ms  %s\n' "$name" "$ms" "$desc"
@@ -372,7 +381,7 @@ journal_since() { IN journalctl -u app --no-pager -q --after-cursor="$1" "${@:2}
 # http PATH -> "CODE BODY" (one request, fresh connection)
 http() { IN curl -sS --max-time "${2:-10}" -w ' %{http_code}' "$URL$1" 2>&1; }
 
-app_status_json() { IN app status --json 2>/dev/null; }
+app_status_json() { IN timeout 10 app status --json 2>/dev/null; }
 generation() {  # current generation from `app status --json`
     app_status_json | jq -r '(.generation // .status.generation // empty)' 2>/dev/null | head -n1
 }
