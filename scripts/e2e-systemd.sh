@@ -148,8 +148,14 @@ teardown() {
 # that created it is gone (SIGKILL leaves no chance for an EXIT trap).
 if [ "${1:-}" = --reap ]; then
     st=$2
+    trap '' PIPE INT   # stderr may be a closed pipe by now; finish the job anyway
     while owner_alive "$st" && [ -d "$st" ]; do sleep 0.5; done
-    [ -d "$st" ] && teardown "$st"
+    if [ -d "$st" ]; then
+        t0=$(now_ms)
+        # the script's child that runs the checks would go on poking the sandbox
+        read -r rp rst < "$st/runner" 2>/dev/null && [ "$(pid_starttime "$rp")" = "$rst" ] && kill -KILL "$rp" 2>/dev/null
+        teardown "$st" && log "reaper: the script died; sandbox $(sandbox_name "$st") torn down in $(( $(now_ms) - t0 )) ms"
+    fi
     exit 0
 fi
 
@@ -714,13 +720,14 @@ main() {
     trap 'exit 130' INT
     trap 'exit 143' TERM
     # detached reaper: tears the sandbox down if this script is SIGKILLed
-    setsid bash "$SELF" --reap "$STATE" </dev/null >/dev/null 2>&1 &
+    setsid bash "$SELF" --reap "$STATE" </dev/null >/dev/null &
     REAPER=$!
     # The checks run in a child process and this one only waits: bash runs a
     # trap only after the foreground command has finished, but `wait` returns
     # at once, so SIGTERM/SIGINT tear the sandbox down immediately.
     ( trap - EXIT INT TERM; run_all ) &
     RUNNER=$!
+    echo "$RUNNER $(pid_starttime "$RUNNER")" > "$STATE/runner"
     wait "$RUNNER"
 }
 

@@ -28,6 +28,8 @@ use crate::service;
 pub enum AcceptStrategy {
     /// Every worker accepts on the one inherited listening socket.
     Shared,
+    /// The master accepts and hands each connection to the next worker in turn.
+    RoundRobin,
 }
 
 /// HTTP limits applied by the worker's server setup, around the user's service.

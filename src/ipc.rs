@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 
-use crate::config::HttpLimits;
+use crate::config::{AcceptStrategy, HttpLimits};
 use crate::service;
 
 /// Largest frame either side accepts.
@@ -25,6 +25,7 @@ pub struct WorkerSetup {
     pub http: HttpLimits,
     pub service: service::Settings,
     pub chaos: bool,
+    pub accept: AcceptStrategy,
     /// How long to drain when the worker decides to leave on its own (SIGTERM, a panic).
     pub drain_timeout_ms: u64,
     /// For `--chaos-boot-crash`: exit before reporting ready.

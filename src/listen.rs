@@ -182,6 +182,14 @@ pub fn check_listening_stream(fd: RawFd) -> Result<String, String> {
     Ok(describe(fd))
 }
 
+/// True for a Unix-domain socket (listening or connected).
+pub fn is_unix(fd: RawFd) -> bool {
+    use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
+    getsockname::<SockaddrStorage>(fd)
+        .map(|a| a.family() == Some(AddressFamily::Unix))
+        .unwrap_or(false)
+}
+
 /// "127.0.0.1:8080" or "unix:/run/app.sock", for logs.
 pub fn describe(fd: RawFd) -> String {
     use nix::sys::socket::{SockaddrIn, SockaddrIn6, UnixAddr, getsockname};

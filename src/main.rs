@@ -8,6 +8,7 @@ mod control;
 mod exit;
 #[cfg(test)]
 mod fuzz;
+mod handoff;
 mod ipc;
 mod listen;
 mod logging;

@@ -18,11 +18,14 @@
 //! on the IPC channel ([`crate::ipc`]).
 
 pub mod budget;
+mod dispatch;
 pub mod memory;
 pub mod pool;
 mod rollover;
 pub mod spawn;
 
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -32,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ServeArgs};
+use crate::config::{AcceptStrategy, Config, ServeArgs};
 use crate::control::{self, Reply, Request, StatusReport, WorkerReport};
 use crate::exit;
 use crate::ipc::{self, ToMaster, ToWorker, WorkerSetup};
@@ -40,6 +43,7 @@ use crate::listen::Listener;
 use crate::notify::Notifier;
 
 use budget::RestartBudget;
+use dispatch::Dispatcher;
 use pool::{Pool, Retire, Slot, Worker, WorkerState};
 use rollover::Rollover;
 use spawn::{Executable, SpawnRequest};
@@ -47,10 +51,27 @@ use spawn::{Executable, SpawnRequest};
 const TICK: Duration = Duration::from_millis(50);
 const MEMORY_CHECK: Duration = Duration::from_secs(1);
 
-/// What a worker's channel reports to the loop.
+/// What a worker's channels (and, for round-robin, the master's acceptors) report.
 enum ChannelEvent {
-    Message { pid: i32, msg: ToMaster },
-    Closed { pid: i32, error: Option<String> },
+    Message {
+        pid: i32,
+        msg: ToMaster,
+    },
+    Closed {
+        pid: i32,
+        error: Option<String>,
+    },
+    /// Round-robin: a connection the master accepted, to hand to a worker.
+    Accepted(OwnedFd),
+    /// Round-robin: the worker holds hand-off `id` now.
+    Acked {
+        pid: i32,
+        id: u64,
+    },
+    /// Round-robin: the worker's hand-off channel closed.
+    HandoffClosed {
+        pid: i32,
+    },
 }
 
 /// Where the master is in its life.
@@ -89,6 +110,8 @@ pub struct Master {
     next_memory_check: Instant,
     next_watchdog: Instant,
     control_path: std::path::PathBuf,
+    dispatcher: Dispatcher,
+    acceptors: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Master {
@@ -129,6 +152,8 @@ impl Master {
             next_memory_check: now,
             next_watchdog: now,
             control_path,
+            dispatcher: Dispatcher::default(),
+            acceptors: Vec::new(),
         })
     }
 
@@ -162,6 +187,9 @@ impl Master {
                 self.cpus.len()
             );
         }
+        if self.config.accept == AcceptStrategy::RoundRobin {
+            self.start_acceptors();
+        }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -175,7 +203,13 @@ impl Master {
                 _ = hup.recv() => self.request_reload(None),
                 _ = ttin.recv() => self.scale(1),
                 _ = ttou.recv() => self.scale(-1),
-                Some(ev) = self.channel_rx.recv() => self.on_channel(ev),
+                Some(ev) = self.channel_rx.recv() => {
+                    // Connection hand-offs are traffic, not supervision events: they skip
+                    // the turn's steps.
+                    if !self.on_channel(ev) {
+                        continue;
+                    }
+                }
                 Some(req) = control_rx.recv() => self.on_control(req),
                 _ = tick.tick() => {}
             }
@@ -195,9 +229,20 @@ impl Master {
 
     // ---- events ------------------------------------------------------------------------
 
-    fn on_channel(&mut self, ev: ChannelEvent) {
+    /// Returns false for round-robin traffic, which needs no supervision step.
+    fn on_channel(&mut self, ev: ChannelEvent) -> bool {
         let now = Instant::now();
         match ev {
+            ChannelEvent::Accepted(conn) => {
+                let targets = self.handoff_targets();
+                self.dispatcher.offer(conn, &targets);
+                return false;
+            }
+            ChannelEvent::Acked { pid, id } => {
+                self.dispatcher.acked(pid, id);
+                return false;
+            }
+            ChannelEvent::HandoffClosed { pid } => self.give_back(pid),
             ChannelEvent::Message { pid, msg } => self.on_message(pid, msg, now),
             ChannelEvent::Closed { pid, error } => {
                 if let Some(w) = self.pool.workers.get_mut(&pid)
@@ -212,6 +257,7 @@ impl Master {
                 }
             }
         }
+        true
     }
 
     fn on_message(&mut self, pid: i32, msg: ToMaster, now: Instant) {
@@ -566,6 +612,7 @@ impl Master {
             http: config.http.clone(),
             service: config.service.clone(),
             chaos: config.chaos,
+            accept: config.accept,
             drain_timeout_ms: config.drain_timeout.as_millis() as u64,
             crash_on_boot: config.chaos_boot_crash,
         };
@@ -577,6 +624,10 @@ impl Master {
             0
         };
         let tx = self.attach_channel(pid, spawned.channel)?;
+        let handoff = Arc::new(spawned.handoff);
+        if config.accept == AcceptStrategy::RoundRobin {
+            self.watch_handoff(pid, handoff.clone())?;
+        }
         let _ = tx.send(ToWorker::Setup(Box::new(setup)));
         let now = Instant::now();
         self.pool.workers.insert(
@@ -598,6 +649,7 @@ impl Master {
                 retire: None,
                 killed: None,
                 tx,
+                handoff,
             },
         );
         info!(slot, pid, generation, cpu, "worker started");
@@ -643,6 +695,109 @@ impl Master {
         Ok(tx)
     }
 
+    // ---- round-robin accept ------------------------------------------------------------
+
+    /// One task per listening socket accepting for the workers (round-robin strategy).
+    fn start_acceptors(&mut self) {
+        for l in &self.listeners {
+            let fd = match l.fd.try_clone() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    error!("cannot accept on {}: {e}", l.description);
+                    continue;
+                }
+            };
+            let events = self.channel_tx.clone();
+            let description = l.description.clone();
+            self.acceptors.push(tokio::spawn(async move {
+                let listener = match Acceptor::new(fd) {
+                    Ok(a) => a,
+                    Err(e) => return error!("cannot accept on {description}: {e}"),
+                };
+                loop {
+                    match listener.accept().await {
+                        Ok(conn) => {
+                            if events.send(ChannelEvent::Accepted(conn)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off rather than spin.
+                            warn!("master accept on {description} failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }));
+        }
+        info!("accept strategy round-robin: the master hands connections to workers in turn");
+    }
+
+    fn stop_acceptors(&mut self) {
+        for a in self.acceptors.drain(..) {
+            a.abort();
+        }
+    }
+
+    /// Reads a worker's hand-off acknowledgements into the loop.
+    fn watch_handoff(&self, pid: i32, fd: Arc<OwnedFd>) -> std::io::Result<()> {
+        nix::fcntl::fcntl(
+            &*fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        // SAFETY: the Arc inside the AsyncFd keeps this descriptor open for its lifetime.
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let events = self.channel_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = afd.readable().await else {
+                    break;
+                };
+                match crate::handoff::read_ack(afd.get_ref()) {
+                    Ok(Some(id)) => {
+                        if events.send(ChannelEvent::Acked { pid, id }).is_err() {
+                            return;
+                        }
+                    }
+                    Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let _ = events.send(ChannelEvent::HandoffClosed { pid });
+        });
+        Ok(())
+    }
+
+    /// Workers that may receive connections now, as (pid, hand-off channel).
+    fn handoff_targets(&self) -> Vec<(i32, std::os::fd::RawFd)> {
+        self.pool
+            .workers
+            .values()
+            .filter(|w| {
+                w.generation == self.pool.generation
+                    && w.state == WorkerState::Ready
+                    && w.holds_slot()
+            })
+            .map(|w| (w.pid, w.handoff.as_raw_fd()))
+            .collect()
+    }
+
+    /// Connections a gone worker never took go to the others.
+    fn give_back(&mut self, pid: i32) {
+        let n = self.dispatcher.worker_gone(pid);
+        if n > 0 {
+            info!(
+                pid,
+                "{n} connection(s) the worker never took are handed to another worker"
+            );
+            let targets = self.handoff_targets();
+            self.dispatcher.flush(&targets);
+        }
+    }
+
     // ---- reload --------------------------------------------------------------------------
 
     fn request_reload(&mut self, reply: Option<tokio::sync::oneshot::Sender<Reply>>) {
@@ -670,6 +825,7 @@ impl Master {
             return self.stop(why, true);
         }
         if !already {
+            self.stop_acceptors();
             self.abort_rollover_for_stop();
             let n = self.pool.workers.len();
             info!(
@@ -713,6 +869,7 @@ impl Master {
         );
         error!("{msg}");
         self.notifier.failed(&msg, libc::ECHILD as u32);
+        self.stop_acceptors();
         self.abort_rollover_for_stop();
         let timeout = self.config.drain_timeout;
         for w in self.pool.workers.values_mut() {
@@ -758,6 +915,10 @@ impl Master {
     // ---- telling systemd and the operator --------------------------------------------------
 
     fn report(&mut self, now: Instant) {
+        if self.dispatcher.waiting() > 0 {
+            let targets = self.handoff_targets();
+            self.dispatcher.flush(&targets);
+        }
         if matches!(self.phase, Phase::Booting) && self.pool.generation_ready(self.pool.generation)
         {
             self.phase = Phase::Serving;
@@ -861,6 +1022,38 @@ impl Master {
                 .collect(),
             last_reload: self.last_reload.clone(),
             workers,
+        }
+    }
+}
+
+/// A listening socket the master accepts on itself (round-robin strategy).
+enum Acceptor {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Acceptor {
+    fn new(fd: OwnedFd) -> std::io::Result<Acceptor> {
+        let is_unix = crate::listen::describe(fd.as_raw_fd()).starts_with("unix:");
+        if is_unix {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok(Acceptor::Unix(tokio::net::UnixListener::from_std(l)?))
+        } else {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok(Acceptor::Tcp(tokio::net::TcpListener::from_std(l)?))
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<OwnedFd> {
+        match self {
+            Acceptor::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(s.into_std()?.into())
+            }
+            Acceptor::Unix(l) => Ok(l.accept().await?.0.into_std()?.into()),
         }
     }
 }

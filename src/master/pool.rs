@@ -57,6 +57,8 @@ pub struct Worker {
     /// Set when the master SIGKILLed it, with the reason, for the exit log line.
     pub killed: Option<String>,
     pub tx: UnboundedSender<ToWorker>,
+    /// The master's end of the connection hand-off channel.
+    pub handoff: std::sync::Arc<std::os::fd::OwnedFd>,
 }
 
 impl Worker {

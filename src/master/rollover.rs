@@ -55,6 +55,13 @@ impl Master {
             Ok(c) => c,
             Err(e) => return self.finish_failed(waiters, now, next, e.message),
         };
+        if config.accept != self.config.accept {
+            let msg = format!(
+                "accept = {:?} differs from the running {:?}; changing the accept strategy needs a restart",
+                config.accept, self.config.accept
+            );
+            return self.finish_failed(waiters, now, next, msg);
+        }
         if config.workers != self.config.workers {
             // The pool size follows SIGTTIN/SIGTTOU and the start-up value; a reload keeps
             // the current size so a scaled pool is not silently undone.

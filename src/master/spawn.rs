@@ -5,7 +5,7 @@
 //! async-signal-safe system calls into memory prepared beforehand:
 //!
 //! * the listening sockets land on fd 3.., the worker's end of its IPC socket pair right after
-//!   them; every other descriptor stays close-on-exec, so no earlier generation's channel or
+//!   them, then its end of the connection hand-off pair; every other descriptor stays close-on-exec, so no earlier generation's channel or
 //!   the control socket leaks into a worker;
 //! * the CPU affinity is set to the worker's one CPU;
 //! * `PR_SET_PDEATHSIG(SIGKILL)`, then a check that the master did not die before that call
@@ -69,6 +69,8 @@ fn strip_deleted(path: PathBuf) -> PathBuf {
 pub struct Spawned {
     pub pid: i32,
     pub channel: std::os::unix::net::UnixStream,
+    /// The master's end of the connection hand-off channel (round-robin strategy).
+    pub handoff: OwnedFd,
 }
 
 pub struct SpawnRequest<'a> {
@@ -99,6 +101,14 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
     )
     .map_err(std::io::Error::from)?;
     let worker_end = move_high(worker_end).map_err(std::io::Error::other)?;
+    // Only used by the round-robin strategy, but always present so the layout is fixed.
+    let (handoff_master, handoff_worker) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
 
     // Source → target descriptor moves, decided before fork (no allocation after it).
     let mut moves: Vec<(RawFd, RawFd)> = req
@@ -109,6 +119,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
         .collect();
     let ipc_fd = LISTEN_FDS_START + req.listeners.len() as RawFd;
     moves.push((worker_end.as_raw_fd(), ipc_fd));
+    moves.push((handoff_worker.as_raw_fd(), ipc_fd + 1));
     let mut staged: Vec<RawFd> = vec![-1; moves.len()];
     // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks the index.
     let mut cpuset: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -140,7 +151,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
             // every source above the highest target (close-on-exec, so the copies vanish
             // at exec), then put each copy in place; dup2 clears close-on-exec there.
             for (i, &(src, _)) in moves.iter().enumerate() {
-                staged[i] = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, ipc_fd + 1);
+                staged[i] = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, ipc_fd + 2);
                 if staged[i] < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -175,8 +186,13 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
     // The master reaps with waitpid(-1) itself; `Child` is only dropped (no wait, no kill).
     drop(child);
     drop(worker_end);
+    drop(handoff_worker);
     let channel = std::os::unix::net::UnixStream::from(master_end);
-    Ok(Spawned { pid, channel })
+    Ok(Spawned {
+        pid,
+        channel,
+        handoff: handoff_master,
+    })
 }
 
 /// The CPUs this process may run on (respects cgroup cpusets and `CPUAffinity=`).

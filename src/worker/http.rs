@@ -32,8 +32,9 @@ use super::Stats;
 use super::chaos;
 use super::timeouts::{ConnClock, Expired, Watched};
 use crate::config::HttpLimits;
+use crate::handoff::{self, Received};
 use crate::ipc::WorkerSetup;
-use crate::listen::{LISTEN_FDS_START, check_listening_stream};
+use crate::listen::{LISTEN_FDS_START, check_listening_stream, is_unix};
 use crate::service::Service;
 use crate::shutdown::{Shutdown, Stage};
 
@@ -185,15 +186,7 @@ pub async fn accept_loop(listener: Listener, server: Rc<Server>, mut shutdown: S
                 if permits.available_permits() > 0 {
                     capped_logged = false;
                 }
-                let server = server.clone();
-                let shutdown = shutdown.clone();
-                tokio::task::spawn_local(async move {
-                    let _permit = permit;
-                    match conn {
-                        Conn::Tcp(s) => serve_connection(s, server, shutdown).await,
-                        Conn::Unix(s) => serve_connection(s, server, shutdown).await,
-                    }
-                });
+                spawn_conn(conn, server.clone(), shutdown.clone(), permit);
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 if backoff.is_zero() {
@@ -215,6 +208,88 @@ pub async fn accept_loop(listener: Listener, server: Rc<Server>, mut shutdown: S
 enum Conn {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+impl Conn {
+    /// A connection the master handed over (round-robin strategy).
+    fn from_fd(fd: OwnedFd) -> io::Result<Conn> {
+        if is_unix(std::os::fd::AsRawFd::as_raw_fd(&fd)) {
+            let s = std::os::unix::net::UnixStream::from(fd);
+            s.set_nonblocking(true)?;
+            Ok(Conn::Unix(tokio::net::UnixStream::from_std(s)?))
+        } else {
+            let s = std::net::TcpStream::from(fd);
+            s.set_nonblocking(true)?;
+            let s = tokio::net::TcpStream::from_std(s)?;
+            let _ = s.set_nodelay(true);
+            Ok(Conn::Tcp(s))
+        }
+    }
+}
+
+fn spawn_conn(
+    conn: Conn,
+    server: Rc<Server>,
+    shutdown: Shutdown,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    tokio::task::spawn_local(async move {
+        let _permit = permit;
+        match conn {
+            Conn::Tcp(s) => serve_connection(s, server, shutdown).await,
+            Conn::Unix(s) => serve_connection(s, server, shutdown).await,
+        }
+    });
+}
+
+/// Takes connections the master hands over (round-robin strategy) until the drain closes
+/// idle connections; each is acknowledged before a byte of it is read, so the master can
+/// give it to another worker if this one dies first.
+pub async fn handoff_loop(channel: OwnedFd, server: Rc<Server>, mut shutdown: Shutdown) {
+    use std::os::fd::AsRawFd;
+    if nix::fcntl::fcntl(
+        &channel,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .is_err()
+    {
+        return;
+    }
+    // SAFETY: the AsyncFd owns the descriptor for its whole lifetime.
+    let Ok(channel) = (unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(channel, tokio::io::Interest::READABLE)
+    }) else {
+        return;
+    };
+    let raw = channel.get_ref().as_raw_fd();
+    let permits = Arc::new(Semaphore::new(server.limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.reached(Stage::CloseIdle) => return,
+        };
+        let received = loop {
+            let mut guard = tokio::select! {
+                g = channel.readable() => match g { Ok(g) => g, Err(_) => return },
+                _ = shutdown.reached(Stage::CloseIdle) => return,
+            };
+            match handoff::recv(raw) {
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                other => break other,
+            }
+        };
+        match received {
+            Ok(Received::Conn { id, fd }) => {
+                let _ = handoff::ack(raw, id);
+                match Conn::from_fd(fd) {
+                    Ok(conn) => spawn_conn(conn, server.clone(), shutdown.clone(), permit),
+                    Err(e) => warn!("handed-over connection unusable: {e}"),
+                }
+            }
+            Ok(Received::Closed) => return,
+            Err(e) => warn!("bad hand-off message: {e}"),
+        }
+    }
 }
 
 async fn accept(l: &Listener) -> io::Result<Conn> {

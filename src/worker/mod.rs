@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio_util::codec::Framed;
 use tracing::{error, info, warn};
 
+use crate::config::AcceptStrategy;
 use crate::ipc::{self, ToMaster, ToWorker, WorkerSetup};
 use crate::listen::LISTEN_FDS_START;
 use crate::logging;
@@ -150,8 +151,24 @@ async fn serve(args: WorkerArgs) -> i32 {
         stats.clone(),
         shutdown.clone(),
     ));
-    for l in listeners {
-        tokio::task::spawn_local(http::accept_loop(l, server.clone(), shutdown.clone()));
+    // SAFETY: the master placed our end of the hand-off channel right after the IPC channel.
+    let handoff = unsafe { OwnedFd::from_raw_fd(ipc_fd + 1) };
+    match setup.accept {
+        AcceptStrategy::Shared => {
+            drop(handoff);
+            for l in listeners {
+                tokio::task::spawn_local(http::accept_loop(l, server.clone(), shutdown.clone()));
+            }
+        }
+        AcceptStrategy::RoundRobin => {
+            // The master accepts; this worker needs no listening socket at all.
+            drop(listeners);
+            tokio::task::spawn_local(http::handoff_loop(
+                handoff,
+                server.clone(),
+                shutdown.clone(),
+            ));
+        }
     }
     if to_master.send(ipc::encode(&ToMaster::Ready)).await.is_err() {
         return crate::exit::OK;
