@@ -68,12 +68,19 @@ cgroup_roots() {  # hierarchies where nspawn creates its payload/supervisor cgro
 
 sandbox_name() { local n; n=$(basename "$1"); echo "${n//./-}"; }  # machine + cgroup name
 
-pid_starttime() { awk '{ print $22 }' "/proc/$1/stat" 2>/dev/null; }
+pid_starttime() {  # start time of a live (non-zombie) process, to detect pid reuse
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+    s=${s##*) }   # fields after "(comm)": state ... starttime is the 20th
+    # shellcheck disable=SC2086
+    set -- $s
+    [ "$1" != Z ] && [ "$1" != X ] && echo "${20}"
+}
 
 owner_alive() {  # $1 = state dir: is the script that created it still running?
     local pid st
     read -r pid st < "$1/owner" 2>/dev/null || return 1
-    [ -n "$pid" ] && [ "$(pid_starttime "$pid")" = "$st" ]
+    [ -n "$pid" ] && [ -n "$st" ] && [ "$(pid_starttime "$pid")" = "$st" ]
 }
 
 is_nspawn_of() {  # $1 = pid, $2 = container root

@@ -47,31 +47,31 @@ pub enum Received {
 pub fn recv(channel: RawFd) -> Result<Received, Errno> {
     let mut bytes = [0u8; 8];
     let mut space = nix::cmsg_space!([RawFd; 1]);
-    let mut iov = [IoSliceMut::new(&mut bytes)];
-    let msg = recvmsg::<()>(
-        channel,
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
-    if msg.bytes == 0 {
-        return Ok(Received::Closed);
-    }
-    let mut fd = None;
-    for c in msg.cmsgs().map_err(|_| Errno::ENOBUFS)? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            for raw in fds {
-                // SAFETY: the kernel just installed this descriptor for us.
-                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                if fd.is_none() {
-                    fd = Some(owned);
+    let (n, fd) = {
+        let mut iov = [IoSliceMut::new(&mut bytes)];
+        let msg = recvmsg::<()>(
+            channel,
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut fd = None;
+        for c in msg.cmsgs().map_err(|_| Errno::ENOBUFS)? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for raw in fds {
+                    // SAFETY: the kernel just installed this descriptor for us; extra ones
+                    // (never sent by the master) are closed by dropping them.
+                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                    if fd.is_none() {
+                        fd = Some(owned);
+                    }
                 }
             }
         }
-    }
-    let n = msg.bytes;
-    drop(iov);
+        (msg.bytes, fd)
+    };
     match (n, fd) {
+        (0, None) => Ok(Received::Closed),
         (8, Some(fd)) => Ok(Received::Conn {
             id: u64::from_le_bytes(bytes),
             fd,
