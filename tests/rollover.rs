@@ -404,3 +404,44 @@ fn client_without_a_master_exits_69() {
     assert_eq!(out.status.code(), Some(69));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the master"));
 }
+
+#[test]
+fn long_drain_extends_the_timeout_and_cuts_what_overruns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut notify = NotifySocket::new(dir.path());
+    let srv = Server::start(
+        Launch {
+            notify: Some(notify.path.clone()),
+            dir: Some(dir),
+            ..Default::default()
+        }
+        .args(&["--drain-timeout", "2500ms"]),
+    );
+    let port = srv.port;
+    let slow = std::thread::spawn(move || get(port, "/sleep?ms=20000"));
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let (ok, text) = reload(&srv);
+    let took = t0.elapsed();
+    assert!(ok, "{text}");
+    assert!(
+        took >= Duration::from_millis(2400) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    let ext = notify.wait_for("EXTEND_TIMEOUT_USEC=", Duration::from_secs(1));
+    assert!(
+        ext.is_some(),
+        "no EXTEND_TIMEOUT_USEC during a long drain: {:?}",
+        notify.messages
+    );
+    assert!(
+        slow.join().unwrap().is_err(),
+        "a 20 s request cannot outlive a 2.5 s drain"
+    );
+    assert!(
+        srv.log_text()
+            .contains("drain timeout: exiting with 1 connection(s) still open"),
+        "{}",
+        srv.log_text()
+    );
+}

@@ -974,6 +974,12 @@ impl Master {
 
     fn status_report(&mut self) -> StatusReport {
         let now = Instant::now();
+        // Fresh figures for the operator, not the last once-a-second sample.
+        for w in self.pool.workers.values_mut() {
+            if let Some(m) = memory::read(w.pid) {
+                w.memory = m;
+            }
+        }
         let state = match &self.phase {
             Phase::Booting => "starting",
             Phase::Serving => "serving",
