@@ -101,6 +101,17 @@ cg_pids() {  # $1 = cgroup name: host PIDs of everything in our private cgroups
     return 0
 }
 
+kill_visitors() {  # $1 = host pid of the container's PID 1, $2 = sandbox name
+    local ns d
+    ns=$(readlink "/proc/$1/ns/pid") || return 0
+    for d in /proc/[0-9]*; do
+        [ "$(readlink "$d/ns/pid" 2>/dev/null)" = "$ns" ] || continue
+        grep -q "/$2/" "$d/cgroup" 2>/dev/null && continue   # the container's own
+        kill -KILL "${d#/proc/}" 2>/dev/null
+    done
+    return 0
+}
+
 # teardown STATE: stop the container (orderly, then by force), unmount, remove
 # cgroups and the state dir. Safe to call twice and on half-built sandboxes.
 teardown() {
@@ -110,6 +121,12 @@ teardown() {
     [ -d "$st" ] || return 0
     n=$(cat "$st/nspawn.pid" 2>/dev/null || true)
     if is_nspawn_of "$n" "$root"; then
+        # Processes we nsenter'ed into the container (clients, load, systemctl)
+        # live in its pid namespace but outside its cgroups; systemd's halt
+        # would wait for them (tens of seconds), so they go first.
+        for p in $(cat /proc/"$n"/task/*/children 2>/dev/null); do
+            is_container_init "$p" && kill_visitors "$p" "$name"
+        done
         # 1st SIGTERM: nspawn asks systemd for an orderly halt (units stopped)
         kill -TERM "$n" 2>/dev/null
         for i in $(seq 1 150); do is_nspawn_of "$n" "$root" || break; sleep 0.1; done

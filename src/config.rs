@@ -360,12 +360,14 @@ impl Config {
             "workers",
             format!("must be between 1 and 1024 (got {})", self.workers),
         )?;
-        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
-            invalid(
-                "log_level",
-                format!("{:?} is not a level or filter ({e})", self.log_level),
-            )
-        })?;
+        self.log_level
+            .parse::<tracing_subscriber::filter::Targets>()
+            .map_err(|e| {
+                invalid(
+                    "log_level",
+                    format!("{:?} is not a level or filter ({e})", self.log_level),
+                )
+            })?;
         // Bounded so that deadline arithmetic (now + timeout) can never overflow.
         const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
         for (key, d) in [

@@ -7,10 +7,14 @@
 //! Native journald logging keeps structured fields: worker processes stamp every line with
 //! `WORKER_ID`, `WORKER_PID`, `CPU` and `GENERATION`, so `journalctl -u app WORKER_ID=1`
 //! filters on them. Text mode shows the same facts as a prefix.
+//!
+//! Levels use `tracing-subscriber`'s `Targets` filter (`info`, `warn,app=debug`): the same
+//! syntax as `RUST_LOG` for levels and targets, without the regex engine `EnvFilter` links
+//! in, which costs every worker process memory.
 
 use std::os::fd::AsFd;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 /// Who is logging: the master, or one worker.
@@ -42,9 +46,9 @@ pub fn stderr_is_journal() -> bool {
 pub fn init(level: &str, who: Identity) {
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|v| EnvFilter::try_new(v).ok())
-        .or_else(|| EnvFilter::try_new(level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .and_then(|v| v.parse::<Targets>().ok())
+        .or_else(|| level.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
 
     if stderr_is_journal()
         && let Ok(layer) = tracing_journald::layer()
