@@ -358,6 +358,8 @@ on_exit() {
         kill -KILL "$RUNNER" 2>/dev/null
         wait "$RUNNER" 2>/dev/null   # (and no "Killed" message from bash)
     fi
+    local passed=0 failed=0 total
+    [ -n "${STATE:-}" ] && read -r passed failed < "$STATE/counts" 2>/dev/null
     if [ -n "${STATE:-}" ] && [ -d "$STATE" ]; then
         t0=$(now_ms)
         [ -n "${REAPER:-}" ] && kill "$REAPER" 2>/dev/null
@@ -367,6 +369,15 @@ on_exit() {
             log "teardown incomplete: see above"; [ "$rc" = 0 ] && rc=2
         fi
     fi
+    # the summary comes last, after the teardown; checks that did not run
+    # (interrupted, or the sandbox could not be set up) count as failed
+    total=$(wc -w <<< "$CHECKS")
+    if [ "$rc" != 0 ] && [ $((passed + failed)) -lt "$total" ]; then
+        log "$((total - passed - failed)) check(s) did not run"
+        failed=$((total - passed))
+    fi
+    echo "e2e: $passed passed, $failed failed"
+    [ "$rc" = 0 ] && [ "$failed" != 0 ] && rc=1
     exit "$rc"
 }
 
@@ -401,6 +412,7 @@ run_check() {
         printf 'FAIL  %-14s %6d ms  %s\n' "$name" "$ms" "$desc"
         [ -n "$REASON" ] && printf '      reason: %s\n' "$REASON"
     fi
+    echo "$PASSED $FAILED" > "$STATE/counts"
     return 0
 }
 
@@ -777,7 +789,6 @@ run_all() {
         IN journalctl -u app --no-pager -n 40 -o short-precise >&2
     fi
     log "total $(( $(now_ms) - t_all )) ms (boot $BOOT_MS ms, install $INSTALL_MS ms)"
-    echo "e2e: $PASSED passed, $FAILED failed"
     [ "$FAILED" = 0 ]
 }
 
