@@ -16,6 +16,7 @@
 #                      target/release/app; E2E_BUILD=0 skips the build if it exists)
 #   E2E_CHECKS="..."   run only these checks (names: analyze activation sandboxing
 #                      journal reload reload-broken kill-worker watchdog restart stop)
+#   E2E_ACCEPT=round-robin  run with this accept strategy (default: app.toml's)
 #   E2E_LOAD_RATE=100  requests/s of each of the 2 load clients (curl --rate)
 #   E2E_LIFETIME=900   hard limit (s) for the sandbox, in case everything else fails
 #   E2E_VERBOSE=1      show the output of every command
@@ -344,6 +345,10 @@ stage_and_install() {
     fi
     [ "$VERBOSE" = 1 ] && printf '%s\n' "$out" | sed 's/^/    /' >&2
     printf '%s\n' "$out" | grep -q 'daemon-reload: done' || { printf '%s\n' "$out" >&2; die "install.sh did not daemon-reload"; }
+    if [ -n "${E2E_ACCEPT:-}" ]; then   # test the other accept strategy
+        IN sed -i "s/^accept = .*/accept = \"$E2E_ACCEPT\"/" /etc/app/app.toml
+        log "accept = \"$E2E_ACCEPT\" in /etc/app/app.toml"
+    fi
     INSTALL_MS=$(( $(now_ms) - t0 ))
     log "installed with scripts/install.sh + daemon-reload in $INSTALL_MS ms"
 }
@@ -444,7 +449,7 @@ is_running() { [ "$(prop app.service ActiveState)/$(prop app.service SubState)" 
 
 # Load: 2 clients inside the container, each a loop of curl runs (50 requests
 # per run, new connection each, --rate $LOAD_RATE/s) until a stop file exists.
-# Every request writes one line "HTTP_CODE CURL_EXIT ERROR" to the client's log.
+# Every request writes one line "HTTP_CODE CURL_EXIT SECONDS ERROR" to the client's log.
 LOADERS=""
 load_start() {  # load_start TAG [PATH]
     local tag=$1 path=${2:-/} i
@@ -457,7 +462,7 @@ load_start() {  # load_start TAG [PATH]
             for _ in $(seq 50); do args+=(-o /dev/null "$url"); done
             while [ ! -e "$stop" ]; do
                 curl -s --max-time 20 --rate "$rate/s" -H "Connection: close" \
-                    -w "%{http_code} %{exitcode} %{errormsg}\n" "${args[@]}"
+                    -w "%{http_code} %{exitcode} %{time_total} %{errormsg}\n" "${args[@]}"
             done' load "/run/e2e-stop-$tag" "$URL$path" "$LOAD_RATE" > "$STATE/load-$tag.$i" 2>&1 &
         LOADERS="$LOADERS $!"
     done
@@ -471,9 +476,10 @@ load_stop() {
     f=$(cat "$STATE/load-$tag".*)
     LOAD_OK=$(printf '%s\n' "$f" | grep -c '^200 0 ')
     LOAD_FAIL=$(printf '%s\n' "$f" | grep -vc '^200 0 \|^$')
-    LOAD_SUMMARY="$LOAD_OK ok, $LOAD_FAIL failed"
+    LOAD_SUMMARY="$LOAD_OK ok, $LOAD_FAIL failed, slowest $(printf '%s\n' "$f" | awk '$3 > m { m = $3 } END { printf "%.3f", m }') s"
     if [ "$LOAD_FAIL" -gt 0 ]; then
-        LOAD_SUMMARY="$LOAD_SUMMARY ($(printf '%s\n' "$f" | grep -v '^200 0 \|^$' | sort | uniq -c | sort -rn | head -5 | sed 's/^ *//' | paste -sd ';' -))"
+        # group by code, curl exit status and message (not by time)
+        LOAD_SUMMARY="$LOAD_SUMMARY ($(printf '%s\n' "$f" | grep -v '^200 0 \|^$' | awk '{ $3 = ""; print }' | sort | uniq -c | sort -rn | head -5 | sed 's/^ *//' | paste -sd ';' -))"
     fi
 }
 
