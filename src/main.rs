@@ -11,6 +11,7 @@ mod fuzz;
 mod handoff;
 mod ipc;
 mod listen;
+mod loadboard;
 mod logging;
 mod master;
 mod notify;

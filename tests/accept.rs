@@ -144,3 +144,18 @@ fn accept_strategy_cannot_change_on_reload() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a restart"));
 }
+
+#[test]
+fn shared_accept_spreads_a_burst_of_keepalive_connections() {
+    let srv = Server::start(Launch::default().args(&["--workers", "2"]));
+    // A burst, as a benchmark or a reconnecting proxy opens them: all at once.
+    let mut conns: Vec<Conn> = (0..64).map(|_| Conn::open(srv.port).unwrap()).collect();
+    let mut counts = [0u64; 2];
+    for c in &mut conns {
+        let r = c.get("/").unwrap();
+        counts[r.header("x-worker").unwrap().parse::<usize>().unwrap()] += 1;
+    }
+    let j = jain(&counts);
+    eprintln!("FIGURES shared accept, burst of 64 keep-alive connections: {counts:?}, Jain {j:.3}");
+    assert!(j >= 0.9, "{counts:?}");
+}

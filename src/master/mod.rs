@@ -40,6 +40,7 @@ use crate::control::{self, Reply, Request, StatusReport, WorkerReport};
 use crate::exit;
 use crate::ipc::{self, ToMaster, ToWorker, WorkerSetup};
 use crate::listen::Listener;
+use crate::loadboard::{Indexes, LoadBoard};
 use crate::notify::Notifier;
 
 use budget::RestartBudget;
@@ -111,6 +112,8 @@ pub struct Master {
     next_watchdog: Instant,
     control_path: std::path::PathBuf,
     dispatcher: Dispatcher,
+    board: LoadBoard,
+    board_indexes: Indexes,
     acceptors: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -124,6 +127,8 @@ impl Master {
     ) -> Result<Master, exit::Fatal> {
         let exe = Executable::current()
             .map_err(|e| exit::Fatal::os(format!("cannot open own executable: {e}")))?;
+        let board = LoadBoard::create()
+            .map_err(|e| exit::Fatal::os(format!("cannot create the load board: {e}")))?;
         let (channel_tx, channel_rx) = mpsc::unbounded_channel();
         let now = Instant::now();
         let control_path = config
@@ -153,6 +158,8 @@ impl Master {
             next_watchdog: now,
             control_path,
             dispatcher: Dispatcher::default(),
+            board,
+            board_indexes: Indexes::default(),
             acceptors: Vec::new(),
         })
     }
@@ -387,6 +394,9 @@ impl Master {
                 continue;
             };
             self.pool.requests_retired += w.requests;
+            self.board.clear(w.board_index);
+            self.board_indexes.free(w.board_index);
+            self.give_back(pid);
             self.on_exit(w, cause, now);
         }
     }
@@ -599,13 +609,27 @@ impl Master {
     ) -> std::io::Result<i32> {
         let (config, exe) = with.unwrap_or((&self.config, &self.exe));
         let cpu = self.pool.slots[slot].cpu;
+        let board_index = self
+            .board_indexes
+            .take()
+            .ok_or_else(|| std::io::Error::other("no free load-board entry: too many workers"))?;
+        self.board.clear(board_index);
         let spawned = spawn::spawn(SpawnRequest {
             exe,
             listeners: &self.listeners,
+            board: self.board.fd().as_raw_fd(),
+            board_index,
             slot,
             generation,
             cpu,
-        })?;
+        });
+        let spawned = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                self.board_indexes.free(board_index);
+                return Err(e);
+            }
+        };
         let pid = spawned.pid;
         let setup = WorkerSetup {
             log_level: config.log_level.clone(),
@@ -650,6 +674,7 @@ impl Master {
                 killed: None,
                 tx,
                 handoff,
+                board_index,
             },
         );
         info!(slot, pid, generation, cpu, "worker started");

@@ -59,6 +59,8 @@ pub struct Worker {
     pub tx: UnboundedSender<ToWorker>,
     /// The master's end of the connection hand-off channel.
     pub handoff: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// Its entry on the load board.
+    pub board_index: usize,
 }
 
 impl Worker {

@@ -5,7 +5,7 @@
 //! async-signal-safe system calls into memory prepared beforehand:
 //!
 //! * the listening sockets land on fd 3.., the worker's end of its IPC socket pair right after
-//!   them, then its end of the connection hand-off pair; every other descriptor stays close-on-exec, so no earlier generation's channel or
+//!   them, then its end of the connection hand-off pair, then the load board; every other descriptor stays close-on-exec, so no earlier generation's channel or
 //!   the control socket leaks into a worker;
 //! * the CPU affinity is set to the worker's one CPU;
 //! * `PR_SET_PDEATHSIG(SIGKILL)`, then a check that the master did not die before that call
@@ -76,6 +76,9 @@ pub struct Spawned {
 pub struct SpawnRequest<'a> {
     pub exe: &'a Executable,
     pub listeners: &'a [Listener],
+    /// The load board's memfd, and this worker's entry on it.
+    pub board: RawFd,
+    pub board_index: usize,
     pub slot: usize,
     pub generation: u64,
     pub cpu: usize,
@@ -120,6 +123,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
     let ipc_fd = LISTEN_FDS_START + req.listeners.len() as RawFd;
     moves.push((worker_end.as_raw_fd(), ipc_fd));
     moves.push((handoff_worker.as_raw_fd(), ipc_fd + 1));
+    moves.push((req.board, ipc_fd + 2));
     let mut staged: Vec<RawFd> = vec![-1; moves.len()];
     // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks the index.
     let mut cpuset: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -139,6 +143,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
         .args(["--generation", &req.generation.to_string()])
         .args(["--cpu", &req.cpu.to_string()])
         .args(["--listeners", &req.listeners.len().to_string()])
+        .args(["--board-index", &req.board_index.to_string()])
         .stdin(Stdio::null());
     for k in SCRUBBED_ENV {
         cmd.env_remove(k);
@@ -151,7 +156,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
             // every source above the highest target (close-on-exec, so the copies vanish
             // at exec), then put each copy in place; dup2 clears close-on-exec there.
             for (i, &(src, _)) in moves.iter().enumerate() {
-                staged[i] = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, ipc_fd + 2);
+                staged[i] = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, ipc_fd + 3);
                 if staged[i] < 0 {
                     return Err(std::io::Error::last_os_error());
                 }

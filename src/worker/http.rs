@@ -38,6 +38,9 @@ use crate::listen::{LISTEN_FDS_START, check_listening_stream, is_unix};
 use crate::service::Service;
 use crate::shutdown::{Shutdown, Stage};
 
+/// How long a busier-than-its-peers worker waits before accepting (shared strategy).
+const ACCEPT_YIELD: Duration = Duration::from_millis(1);
+
 pub enum Listener {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
@@ -173,6 +176,13 @@ pub async fn accept_loop(listener: Listener, server: Rc<Server>, mut shutdown: S
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = shutdown.reached(Stage::Draining) => return,
         };
+        if server.stats.should_yield_accept() {
+            // Let a less busy worker take this one; accept anyway if none does.
+            tokio::select! {
+                _ = tokio::time::sleep(ACCEPT_YIELD) => {}
+                _ = shutdown.reached(Stage::Draining) => return,
+            }
+        }
         let accepted = tokio::select! {
             r = accept(&listener) => r,
             _ = shutdown.reached(Stage::Draining) => return,
@@ -233,6 +243,9 @@ fn spawn_conn(
     shutdown: Shutdown,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    // Counted at once, not when the task first runs: during a burst the accept loop takes
+    // many connections before any task runs, and the load board must see them.
+    server.stats.connection_opened();
     tokio::task::spawn_local(async move {
         let _permit = permit;
         match conn {
@@ -310,7 +323,7 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Serves one connection. Its own clock enforces the head and keep-alive timeouts; when the
+/// Serves one connection (counted open by [`spawn_conn`], closed here). Its own clock enforces the head and keep-alive timeouts; when the
 /// drain reaches [`Stage::CloseIdle`], hyper is asked to close it after the request in
 /// flight (or at once when idle).
 async fn serve_connection<IO>(io: IO, server: Rc<Server>, mut shutdown: Shutdown)
@@ -318,7 +331,6 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let stats = server.stats.clone();
-    stats.connections.set(stats.connections.get() + 1);
     let limits = server.limits.clone();
     let clock = ConnClock::new(limits.header_read_timeout, limits.keepalive_timeout);
     let svc = {
@@ -365,5 +377,5 @@ where
     if let Err(e) = result {
         debug!("connection ended with an error: {e}");
     }
-    stats.connections.set(stats.connections.get() - 1);
+    stats.connection_closed();
 }

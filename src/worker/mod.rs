@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 use crate::config::AcceptStrategy;
 use crate::ipc::{self, ToMaster, ToWorker, WorkerSetup};
 use crate::listen::LISTEN_FDS_START;
+use crate::loadboard::LoadBoard;
 use crate::logging;
 use crate::shutdown::{self, Stage};
 
@@ -49,19 +50,65 @@ pub struct WorkerArgs {
     /// Number of listening sockets at fd 3..; the IPC channel follows them.
     #[arg(long)]
     pub listeners: usize,
+    /// This worker's entry on the load board.
+    #[arg(long)]
+    pub board_index: usize,
 }
 
 /// Figures shared by the connections of this worker (one thread, so plain cells).
-#[derive(Default)]
 pub struct Stats {
     pub requests: Cell<u64>,
-    pub connections: Cell<u64>,
+    connections: Cell<u64>,
+    board: Option<(LoadBoard, usize)>,
     /// Why the worker decided to leave (a panic), once it has.
     pub leaving: std::cell::RefCell<Option<String>>,
     pub leave: Notify,
 }
 
 impl Stats {
+    fn new(board: Option<(LoadBoard, usize)>) -> Stats {
+        if let Some((b, i)) = &board {
+            b.publish(*i, 0);
+        }
+        Stats {
+            requests: Cell::new(0),
+            connections: Cell::new(0),
+            board,
+            leaving: Default::default(),
+            leave: Notify::new(),
+        }
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.get()
+    }
+
+    pub fn connection_opened(&self) {
+        self.set_connections(self.connections.get() + 1);
+    }
+
+    pub fn connection_closed(&self) {
+        self.set_connections(self.connections.get().saturating_sub(1));
+    }
+
+    fn set_connections(&self, n: u64) {
+        self.connections.set(n);
+        if let Some((b, i)) = &self.board {
+            b.publish(*i, n);
+        }
+    }
+
+    /// True when this worker holds clearly more connections than the least busy peer, so
+    /// it should let that peer win the next accept (see [`crate::loadboard`]).
+    pub fn should_yield_accept(&self) -> bool {
+        let Some((b, i)) = &self.board else {
+            return false;
+        };
+        let mine = self.connections.get();
+        b.least_other(*i)
+            .is_some_and(|least| mine > least + 2 + least / 8)
+    }
+
     pub fn leave(&self, reason: String) {
         let mut l = self.leaving.borrow_mut();
         if l.is_none() {
@@ -143,7 +190,12 @@ async fn serve(args: WorkerArgs) -> i32 {
             return crate::exit::OSERR;
         }
     };
-    let stats = Rc::new(Stats::default());
+    // SAFETY: the master placed the load board's memfd right after the hand-off channel.
+    let board = LoadBoard::map(unsafe { OwnedFd::from_raw_fd(ipc_fd + 2) })
+        .map_err(|e| warn!("load board unavailable ({e}): accepting without balancing"))
+        .ok()
+        .map(|b| (b, args.board_index));
+    let stats = Rc::new(Stats::new(board));
     let (trigger, shutdown) = shutdown::channel();
     let server = Rc::new(http::Server::new(
         &setup,
@@ -185,7 +237,7 @@ async fn serve(args: WorkerArgs) -> i32 {
                     let pong = ToMaster::Pong {
                         seq,
                         requests: stats.requests.get(),
-                        connections: stats.connections.get(),
+                        connections: stats.connections(),
                     };
                     if to_master.send(ipc::encode(&pong)).await.is_err() {
                         return crate::exit::OK;
@@ -231,13 +283,13 @@ where
     trigger.advance(Stage::Draining);
     info!(
         "draining {} connection(s) for up to {} ms",
-        stats.connections.get(),
+        stats.connections(),
         timeout.as_millis()
     );
     let deadline = start + timeout;
     let grace = (start + IDLE_CLOSE_GRACE).min(deadline);
     loop {
-        if stats.connections.get() == 0 {
+        if stats.connections() == 0 {
             info!("drained in {} ms", start.elapsed().as_millis());
             return crate::exit::OK;
         }
@@ -248,7 +300,7 @@ where
         if now >= deadline {
             warn!(
                 "drain timeout: exiting with {} connection(s) still open",
-                stats.connections.get()
+                stats.connections()
             );
             return crate::exit::OK;
         }

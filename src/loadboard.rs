@@ -1,0 +1,140 @@
+//! The load board: one shared page where each worker publishes how many connections it
+//! holds, so that the `shared` accept strategy stays fair.
+//!
+//! With one listening socket shared by every worker, the kernel wakes them all for a new
+//! connection and the first to call `accept` wins; a worker that happens to be awake grabs a
+//! whole burst (all 64 connections of a keep-alive benchmark, say) and the others idle. Here
+//! a worker holding clearly more connections than the least-loaded live peer waits a moment
+//! before accepting (as nginx's `accept_mutex_delay` does), so a less busy worker wins the
+//! race. It only ever delays, never refuses: if no peer takes the connection, the busy worker
+//! still does.
+//!
+//! The page is a memfd the master creates and hands to every worker; entry `i` is
+//! `connections + 1` for the worker that holds board index `i`, or 0 when free. The master
+//! assigns indexes and clears a dead worker's entry when it reaps it.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Entries on the board, and so the most workers (of all generations) alive at once.
+pub const ENTRIES: usize = 1024;
+const BYTES: usize = ENTRIES * std::mem::size_of::<AtomicU32>();
+
+pub struct LoadBoard {
+    fd: OwnedFd,
+    base: *const AtomicU32,
+}
+
+impl LoadBoard {
+    /// A fresh, zeroed board (master).
+    pub fn create() -> std::io::Result<LoadBoard> {
+        // SAFETY: plain system calls; the name is a NUL-terminated literal.
+        let raw = unsafe { libc::memfd_create(c"app-load-board".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own memfd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), BYTES as libc::off_t) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Self::map(fd)
+    }
+
+    /// The board a worker inherited.
+    pub fn map(fd: OwnedFd) -> std::io::Result<LoadBoard> {
+        // SAFETY: maps BYTES of a memfd at least that long, shared, read-write.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(LoadBoard {
+            fd,
+            base: ptr as *const AtomicU32,
+        })
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn entry(&self, i: usize) -> &AtomicU32 {
+        assert!(i < ENTRIES);
+        // SAFETY: in bounds of the mapping, which lives as long as self; AtomicU32 has the
+        // size and alignment of u32 and the page is only ever accessed atomically.
+        unsafe { &*self.base.add(i) }
+    }
+
+    /// Publishes that worker `i` holds `connections`.
+    pub fn publish(&self, i: usize, connections: u64) {
+        let v = u32::try_from(connections.saturating_add(1)).unwrap_or(u32::MAX);
+        self.entry(i).store(v, Ordering::Relaxed);
+    }
+
+    pub fn clear(&self, i: usize) {
+        self.entry(i).store(0, Ordering::Relaxed);
+    }
+
+    /// Connections of the least-loaded live worker other than `i`.
+    pub fn least_other(&self, i: usize) -> Option<u64> {
+        (0..ENTRIES)
+            .filter(|&j| j != i)
+            .map(|j| self.entry(j).load(Ordering::Relaxed))
+            .filter(|&v| v > 0)
+            .min()
+            .map(|v| u64::from(v - 1))
+    }
+}
+
+impl Drop for LoadBoard {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, BYTES) };
+    }
+}
+
+/// Board indexes in use (master side).
+#[derive(Default)]
+pub struct Indexes {
+    used: std::collections::BTreeSet<usize>,
+}
+
+impl Indexes {
+    pub fn take(&mut self) -> Option<usize> {
+        let i = (0..ENTRIES).find(|i| !self.used.contains(i))?;
+        self.used.insert(i);
+        Some(i)
+    }
+
+    pub fn free(&mut self, i: usize) {
+        self.used.remove(&i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_shared_between_mappings() {
+        let a = LoadBoard::create().unwrap();
+        let b = LoadBoard::map(a.fd().try_clone().unwrap()).unwrap();
+        assert_eq!(b.least_other(0), None);
+        a.publish(1, 5);
+        a.publish(2, 3);
+        assert_eq!(b.least_other(0), Some(3));
+        assert_eq!(b.least_other(2), Some(5));
+        b.clear(2);
+        assert_eq!(a.least_other(0), Some(5));
+    }
+}
