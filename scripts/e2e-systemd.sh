@@ -19,7 +19,7 @@
 #   E2E_ACCEPT=round-robin  run with this accept strategy (default: app.toml's)
 #   E2E_LOAD_RATE=100  requests/s of each of the 2 load clients (curl --rate)
 #   E2E_LIFETIME=900   hard limit (s) for the sandbox, in case everything else fails
-#   E2E_VERBOSE=1      show the output of every command
+#   E2E_VERBOSE=1      show more command output (install, analyze, status, journal)
 #
 # Exit status: 0 if every check passed, 1 if any failed, 2 if the sandbox
 # could not be set up. The sandbox is torn down on exit, on SIGINT/SIGTERM,
@@ -746,6 +746,12 @@ check_stop() {  # systemctl stop during a slow request: the request completes
 
 # ---------------------------------------------------------------------------
 main() {
+    case "${1:-}" in
+        -h|--help) sed -n '2,/^set -uo/p' "$SELF" | grep -v -e '^set ' -e 'shellcheck' -e '^# Intentional' \
+                       -e '^# single-quoted' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        "") ;;
+        *) die "unknown argument '$1' (see --help; configuration is by environment variables)" ;;
+    esac
     [ "$(id -u)" = 0 ] || die "must run as root (mounts, namespaces, cgroups): sudo $0"
     local c
     for c in $CHECKS; do
