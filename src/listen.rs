@@ -182,6 +182,68 @@ pub fn check_listening_stream(fd: RawFd) -> Result<String, String> {
     Ok(describe(fd))
 }
 
+/// A listening socket registered with the running tokio runtime: TCP, or a Unix socket
+/// (`ListenStream=/run/app.sock` behind a proxy).
+pub enum AsyncListener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// An accepted (or handed-over) connection.
+pub enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl AsyncListener {
+    pub fn from_fd(fd: OwnedFd) -> std::io::Result<AsyncListener> {
+        if is_unix(fd.as_raw_fd()) {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok(AsyncListener::Unix(tokio::net::UnixListener::from_std(l)?))
+        } else {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok(AsyncListener::Tcp(tokio::net::TcpListener::from_std(l)?))
+        }
+    }
+
+    pub async fn accept(&self) -> std::io::Result<Stream> {
+        match self {
+            AsyncListener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                // Small responses must not wait for Nagle.
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+            AsyncListener::Unix(l) => Ok(Stream::Unix(l.accept().await?.0)),
+        }
+    }
+}
+
+impl Stream {
+    pub fn from_fd(fd: OwnedFd) -> std::io::Result<Stream> {
+        if is_unix(fd.as_raw_fd()) {
+            let s = std::os::unix::net::UnixStream::from(fd);
+            s.set_nonblocking(true)?;
+            Ok(Stream::Unix(tokio::net::UnixStream::from_std(s)?))
+        } else {
+            let s = std::net::TcpStream::from(fd);
+            s.set_nonblocking(true)?;
+            let s = tokio::net::TcpStream::from_std(s)?;
+            let _ = s.set_nodelay(true);
+            Ok(Stream::Tcp(s))
+        }
+    }
+
+    pub fn into_fd(self) -> std::io::Result<OwnedFd> {
+        Ok(match self {
+            Stream::Tcp(s) => s.into_std()?.into(),
+            Stream::Unix(s) => s.into_std()?.into(),
+        })
+    }
+}
+
 /// True for a Unix-domain socket (listening or connected).
 pub fn is_unix(fd: RawFd) -> bool {
     use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};

@@ -10,26 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn config(dir: &tempfile::TempDir, toml: &str) -> String {
-    let file = dir.path().join("app.toml");
-    std::fs::write(&file, toml).unwrap();
-    file.to_str().unwrap().to_string()
-}
-
-fn start_with(toml: &str, args: &[&str]) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let file = config(&dir, toml);
-    let mut all = vec!["--config", file.as_str()];
-    all.extend_from_slice(args);
-    Server::start(
-        Launch {
-            dir: Some(dir),
-            ..Default::default()
-        }
-        .args(&all),
-    )
-}
-
 /// The workers that served before still serve: none died of the abuse.
 fn assert_same_workers(srv: &Server, before: &[i32]) {
     let now: Vec<i32> = srv.workers().iter().map(|w| w.1).collect();
@@ -49,7 +29,7 @@ fn raw(port: u16, bytes: &[u8]) -> String {
 
 #[test]
 fn malformed_and_oversized_requests_get_4xx_and_workers_live() {
-    let srv = start_with(
+    let srv = Server::with_config(
         "[http]\nmax_header_bytes = 4096\nmax_body_bytes = 1024\n",
         &[],
     );
@@ -94,7 +74,7 @@ fn malformed_and_oversized_requests_get_4xx_and_workers_live() {
 
 #[test]
 fn slowloris_is_cut_off_without_slowing_anyone() {
-    let srv = start_with("[http]\nheader_read_timeout = \"2s\"\n", &[]);
+    let srv = Server::with_config("[http]\nheader_read_timeout = \"2s\"\n", &[]);
     let before: Vec<i32> = srv.workers().iter().map(|w| w.1).collect();
     let n = 300;
     let mut slow: Vec<TcpStream> = (0..n)
@@ -153,7 +133,7 @@ fn slowloris_is_cut_off_without_slowing_anyone() {
 
 #[test]
 fn idle_keepalive_connections_are_closed_after_the_idle_timeout() {
-    let srv = start_with(
+    let srv = Server::with_config(
         "[http]\nkeepalive_timeout = \"500ms\"\nheader_read_timeout = \"5s\"\n",
         &[],
     );
@@ -173,7 +153,7 @@ fn idle_keepalive_connections_are_closed_after_the_idle_timeout() {
 
 #[test]
 fn max_connections_makes_a_worker_wait_not_fail() {
-    let srv = start_with("[http]\nmax_connections = 2\n", &["--workers", "1"]);
+    let srv = Server::with_config("[http]\nmax_connections = 2\n", &["--workers", "1"]);
     let before: Vec<i32> = srv.workers().iter().map(|w| w.1).collect();
     let mut a = Conn::open(srv.port).unwrap();
     let mut b = Conn::open(srv.port).unwrap();

@@ -21,25 +21,6 @@ fn reload(srv: &Server) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn with_config(dir: tempfile::TempDir, toml: &str, args: &[&str]) -> Server {
-    let file = dir.path().join("app.toml");
-    std::fs::write(&file, toml).unwrap();
-    let file = file.to_str().unwrap().to_string();
-    let mut all = vec!["--config", file.as_str()];
-    all.extend_from_slice(args);
-    Server::start(
-        Launch {
-            dir: Some(dir),
-            ..Default::default()
-        }
-        .args(&all),
-    )
-}
-
-fn config_path(srv: &Server) -> std::path::PathBuf {
-    srv.dir.path().join("app.toml")
-}
-
 #[test]
 fn twenty_reloads_under_load_fail_no_request() {
     let srv = Server::start(Launch::default());
@@ -105,14 +86,10 @@ fn reload_with_idle_workers_is_quick_and_notifies_systemd() {
 
 #[test]
 fn broken_config_keeps_the_old_generation() {
-    let srv = with_config(
-        tempfile::tempdir().unwrap(),
-        "[service]\ngreeting = \"hi\"\n",
-        &[],
-    );
+    let srv = Server::with_config("[service]\ngreeting = \"hi\"\n", &[]);
     let pids: Vec<i32> = srv.workers().iter().map(|w| w.1).collect();
     std::fs::write(
-        config_path(&srv),
+        srv.config_path(),
         "[service]\ngreeting = \"hey\"\nbogus = 1\n",
     )
     .unwrap();
@@ -137,7 +114,7 @@ fn broken_config_keeps_the_old_generation() {
     assert_eq!(s["last_reload"]["ok"], false);
     assert_eq!(s["state"], "serving");
     // Fixed, it goes through, and the new greeting reaches the new workers.
-    std::fs::write(config_path(&srv), "[service]\ngreeting = \"hey\"\n").unwrap();
+    std::fs::write(srv.config_path(), "[service]\ngreeting = \"hey\"\n").unwrap();
     let (ok, text) = reload(&srv);
     assert!(ok, "{text}");
     assert!(
@@ -150,12 +127,8 @@ fn broken_config_keeps_the_old_generation() {
 
 #[test]
 fn invalid_value_on_reload_names_the_key() {
-    let srv = with_config(
-        tempfile::tempdir().unwrap(),
-        "drain_timeout = \"2s\"\n",
-        &[],
-    );
-    std::fs::write(config_path(&srv), "drain_timeout = \"0s\"\n").unwrap();
+    let srv = Server::with_config("drain_timeout = \"2s\"\n", &[]);
+    std::fs::write(srv.config_path(), "drain_timeout = \"0s\"\n").unwrap();
     let (ok, text) = reload(&srv);
     assert!(!ok);
     assert!(

@@ -39,7 +39,7 @@ use crate::config::{AcceptStrategy, Config, ServeArgs};
 use crate::control::{self, Reply, Request, StatusReport, WorkerReport};
 use crate::exit;
 use crate::ipc::{self, ToMaster, ToWorker, WorkerSetup};
-use crate::listen::Listener;
+use crate::listen::{AsyncListener, Listener, Stream};
 use crate::loadboard::{Indexes, LoadBoard};
 use crate::notify::Notifier;
 
@@ -735,12 +735,12 @@ impl Master {
             let events = self.channel_tx.clone();
             let description = l.description.clone();
             self.acceptors.push(tokio::spawn(async move {
-                let listener = match Acceptor::new(fd) {
+                let listener = match AsyncListener::from_fd(fd) {
                     Ok(a) => a,
                     Err(e) => return error!("cannot accept on {description}: {e}"),
                 };
                 loop {
-                    match listener.accept().await {
+                    match listener.accept().await.and_then(Stream::into_fd) {
                         Ok(conn) => {
                             if events.send(ChannelEvent::Accepted(conn)).is_err() {
                                 return;
@@ -1053,38 +1053,6 @@ impl Master {
                 .collect(),
             last_reload: self.last_reload.clone(),
             workers,
-        }
-    }
-}
-
-/// A listening socket the master accepts on itself (round-robin strategy).
-enum Acceptor {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
-}
-
-impl Acceptor {
-    fn new(fd: OwnedFd) -> std::io::Result<Acceptor> {
-        let is_unix = crate::listen::describe(fd.as_raw_fd()).starts_with("unix:");
-        if is_unix {
-            let l = std::os::unix::net::UnixListener::from(fd);
-            l.set_nonblocking(true)?;
-            Ok(Acceptor::Unix(tokio::net::UnixListener::from_std(l)?))
-        } else {
-            let l = std::net::TcpListener::from(fd);
-            l.set_nonblocking(true)?;
-            Ok(Acceptor::Tcp(tokio::net::TcpListener::from_std(l)?))
-        }
-    }
-
-    async fn accept(&self) -> std::io::Result<OwnedFd> {
-        match self {
-            Acceptor::Tcp(l) => {
-                let (s, _) = l.accept().await?;
-                let _ = s.set_nodelay(true);
-                Ok(s.into_std()?.into())
-            }
-            Acceptor::Unix(l) => Ok(l.accept().await?.0.into_std()?.into()),
         }
     }
 }

@@ -34,41 +34,22 @@ use super::timeouts::{ConnClock, Expired, Watched};
 use crate::config::HttpLimits;
 use crate::handoff::{self, Received};
 use crate::ipc::WorkerSetup;
-use crate::listen::{LISTEN_FDS_START, check_listening_stream, is_unix};
+use crate::listen::{AsyncListener, LISTEN_FDS_START, Stream, check_listening_stream};
 use crate::service::Service;
 use crate::shutdown::{Shutdown, Stage};
 
 /// How long a busier-than-its-peers worker waits before accepting (shared strategy).
 const ACCEPT_YIELD: Duration = Duration::from_millis(1);
 
-pub enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
-}
-
 /// Wraps the inherited descriptors 3.. as tokio listeners.
-pub fn take_listeners(n: usize) -> Result<Vec<Listener>, String> {
+pub fn take_listeners(n: usize) -> Result<Vec<AsyncListener>, String> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let fd = LISTEN_FDS_START + i as RawFd;
         check_listening_stream(fd).map_err(|e| format!("inherited fd {fd} {e}"))?;
         // SAFETY: the master placed this listening socket here for us; nothing else owns it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let is_unix = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd)
-            .map(|a| {
-                nix::sys::socket::SockaddrLike::family(&a)
-                    == Some(nix::sys::socket::AddressFamily::Unix)
-            })
-            .unwrap_or(false);
-        let l = if is_unix {
-            let std = std::os::unix::net::UnixListener::from(owned);
-            std.set_nonblocking(true).map_err(|e| e.to_string())?;
-            Listener::Unix(tokio::net::UnixListener::from_std(std).map_err(|e| e.to_string())?)
-        } else {
-            let std = std::net::TcpListener::from(owned);
-            std.set_nonblocking(true).map_err(|e| e.to_string())?;
-            Listener::Tcp(tokio::net::TcpListener::from_std(std).map_err(|e| e.to_string())?)
-        };
+        let l = AsyncListener::from_fd(owned).map_err(|e| format!("inherited fd {fd}: {e}"))?;
         out.push(l);
     }
     Ok(out)
@@ -160,7 +141,7 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 
 /// Accepts until the drain starts. Above `max_connections` it waits for a free place
 /// instead of accepting; on descriptor exhaustion it backs off instead of spinning.
-pub async fn accept_loop(listener: Listener, server: Rc<Server>, mut shutdown: Shutdown) {
+pub async fn accept_loop(listener: AsyncListener, server: Rc<Server>, mut shutdown: Shutdown) {
     let permits = Arc::new(Semaphore::new(server.limits.max_connections));
     let mut backoff = Duration::ZERO;
     let mut capped_logged = false;
@@ -184,7 +165,7 @@ pub async fn accept_loop(listener: Listener, server: Rc<Server>, mut shutdown: S
             }
         }
         let accepted = tokio::select! {
-            r = accept(&listener) => r,
+            r = listener.accept() => r,
             _ = shutdown.reached(Stage::Draining) => return,
         };
         match accepted {
@@ -215,30 +196,8 @@ pub async fn accept_loop(listener: Listener, server: Rc<Server>, mut shutdown: S
     }
 }
 
-enum Conn {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
-}
-
-impl Conn {
-    /// A connection the master handed over (round-robin strategy).
-    fn from_fd(fd: OwnedFd) -> io::Result<Conn> {
-        if is_unix(std::os::fd::AsRawFd::as_raw_fd(&fd)) {
-            let s = std::os::unix::net::UnixStream::from(fd);
-            s.set_nonblocking(true)?;
-            Ok(Conn::Unix(tokio::net::UnixStream::from_std(s)?))
-        } else {
-            let s = std::net::TcpStream::from(fd);
-            s.set_nonblocking(true)?;
-            let s = tokio::net::TcpStream::from_std(s)?;
-            let _ = s.set_nodelay(true);
-            Ok(Conn::Tcp(s))
-        }
-    }
-}
-
 fn spawn_conn(
-    conn: Conn,
+    conn: Stream,
     server: Rc<Server>,
     shutdown: Shutdown,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -249,8 +208,8 @@ fn spawn_conn(
     tokio::task::spawn_local(async move {
         let _permit = permit;
         match conn {
-            Conn::Tcp(s) => serve_connection(s, server, shutdown).await,
-            Conn::Unix(s) => serve_connection(s, server, shutdown).await,
+            Stream::Tcp(s) => serve_connection(s, server, shutdown).await,
+            Stream::Unix(s) => serve_connection(s, server, shutdown).await,
         }
     });
 }
@@ -294,7 +253,7 @@ pub async fn handoff_loop(channel: OwnedFd, server: Rc<Server>, mut shutdown: Sh
         match received {
             Ok(Received::Conn { id, fd }) => {
                 let _ = handoff::ack(raw, id);
-                match Conn::from_fd(fd) {
+                match Stream::from_fd(fd) {
                     Ok(conn) => spawn_conn(conn, server.clone(), shutdown.clone(), permit),
                     Err(e) => warn!("handed-over connection unusable: {e}"),
                 }
@@ -302,17 +261,6 @@ pub async fn handoff_loop(channel: OwnedFd, server: Rc<Server>, mut shutdown: Sh
             Ok(Received::Closed) => return,
             Err(e) => warn!("bad hand-off message: {e}"),
         }
-    }
-}
-
-async fn accept(l: &Listener) -> io::Result<Conn> {
-    match l {
-        Listener::Tcp(l) => {
-            let (s, _) = l.accept().await?;
-            let _ = s.set_nodelay(true);
-            Ok(Conn::Tcp(s))
-        }
-        Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
     }
 }
 

@@ -174,6 +174,27 @@ impl Server {
         }
     }
 
+    /// Starts with `toml` as its config file (`config_path()`), plus `args`.
+    pub fn with_config(toml: &str, args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("app.toml");
+        std::fs::write(&file, toml).unwrap();
+        let file = file.to_str().unwrap().to_string();
+        let mut all = vec!["--config", file.as_str()];
+        all.extend_from_slice(args);
+        Server::start(
+            Launch {
+                dir: Some(dir),
+                ..Default::default()
+            }
+            .args(&all),
+        )
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("app.toml")
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
