@@ -764,6 +764,14 @@ impl Master {
         }
     }
 
+    /// Before workers are told to drain: connections already accepted (still queued as
+    /// events) go to workers while they still take them, rather than die with the master.
+    fn hand_out_accepted(&mut self) {
+        while let Ok(ev) = self.channel_rx.try_recv() {
+            self.on_channel(ev);
+        }
+    }
+
     /// Reads a worker's hand-off acknowledgements into the loop.
     fn watch_handoff(&self, pid: i32, fd: Arc<OwnedFd>) -> std::io::Result<()> {
         nix::fcntl::fcntl(
@@ -851,6 +859,7 @@ impl Master {
         }
         if !already {
             self.stop_acceptors();
+            self.hand_out_accepted();
             self.abort_rollover_for_stop();
             let n = self.pool.workers.len();
             info!(
@@ -895,6 +904,7 @@ impl Master {
         error!("{msg}");
         self.notifier.failed(&msg, libc::ECHILD as u32);
         self.stop_acceptors();
+        self.hand_out_accepted();
         self.abort_rollover_for_stop();
         let timeout = self.config.drain_timeout;
         for w in self.pool.workers.values_mut() {

@@ -214,11 +214,14 @@ fn spawn_conn(
     });
 }
 
-/// Takes connections the master hands over (round-robin strategy) until the drain closes
-/// idle connections; each is acknowledged before a byte of it is read, so the master can
-/// give it to another worker if this one dies first.
+/// Takes connections the master hands over (round-robin strategy); each is acknowledged
+/// before a byte of it is read, so the master can give it to another worker if this one dies
+/// first. When the drain starts, the master has already stopped handing this worker
+/// anything (it marks a worker draining before telling it so), so whatever is still queued
+/// on the channel is taken in one last sweep, and nothing handed over is stranded.
 pub async fn handoff_loop(channel: OwnedFd, server: Rc<Server>, mut shutdown: Shutdown) {
     use std::os::fd::AsRawFd;
+    let _swept = SweptOnDrop(server.stats.clone());
     if nix::fcntl::fcntl(
         &channel,
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -235,32 +238,64 @@ pub async fn handoff_loop(channel: OwnedFd, server: Rc<Server>, mut shutdown: Sh
     };
     let raw = channel.get_ref().as_raw_fd();
     let permits = Arc::new(Semaphore::new(server.limits.max_connections));
+    let for_conns = shutdown.clone();
+    let take = |received: Result<Received, nix::errno::Errno>, permit| match received {
+        Ok(Received::Conn { id, fd }) => {
+            let _ = handoff::ack(raw, id);
+            match Stream::from_fd(fd) {
+                Ok(conn) => spawn_conn(conn, server.clone(), for_conns.clone(), permit),
+                Err(e) => warn!("handed-over connection unusable: {e}"),
+            }
+            true
+        }
+        Ok(Received::Closed) => false,
+        Err(nix::errno::Errno::EAGAIN) => false,
+        Err(e) => {
+            warn!("bad hand-off message: {e}");
+            true
+        }
+    };
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.reached(Stage::CloseIdle) => return,
+            _ = shutdown.reached(Stage::Draining) => break,
         };
         let received = loop {
             let mut guard = tokio::select! {
                 g = channel.readable() => match g { Ok(g) => g, Err(_) => return },
-                _ = shutdown.reached(Stage::CloseIdle) => return,
+                _ = shutdown.reached(Stage::Draining) => break None,
             };
             match handoff::recv(raw) {
                 Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-                other => break other,
+                other => break Some(other),
             }
         };
         match received {
-            Ok(Received::Conn { id, fd }) => {
-                let _ = handoff::ack(raw, id);
-                match Stream::from_fd(fd) {
-                    Ok(conn) => spawn_conn(conn, server.clone(), shutdown.clone(), permit),
-                    Err(e) => warn!("handed-over connection unusable: {e}"),
+            Some(r) => {
+                if matches!(r, Ok(Received::Closed)) {
+                    return;
                 }
+                take(r, permit);
             }
-            Ok(Received::Closed) => return,
-            Err(e) => warn!("bad hand-off message: {e}"),
+            None => break,
         }
+    }
+    // The last sweep: served even above max_connections, since nobody else will take them.
+    let spare = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
+    loop {
+        let permit = spare.clone().try_acquire_owned().expect("unbounded");
+        if !take(handoff::recv(raw), permit) {
+            break;
+        }
+    }
+}
+
+/// Tells the drain that no hand-off is left behind, however the hand-off loop ends.
+struct SweptOnDrop(Rc<super::Stats>);
+
+impl Drop for SweptOnDrop {
+    fn drop(&mut self) {
+        self.0.handoff_swept();
     }
 }
 

@@ -60,6 +60,9 @@ pub struct Stats {
     pub requests: Cell<u64>,
     connections: Cell<u64>,
     board: Option<(LoadBoard, usize)>,
+    /// Round-robin: hand-offs may still be queued for this worker until the hand-off loop
+    /// has made its last sweep.
+    handoff_pending: Cell<bool>,
     /// Why the worker decided to leave (a panic), once it has.
     pub leaving: std::cell::RefCell<Option<String>>,
     pub leave: Notify,
@@ -74,9 +77,14 @@ impl Stats {
             requests: Cell::new(0),
             connections: Cell::new(0),
             board,
+            handoff_pending: Cell::new(false),
             leaving: Default::default(),
             leave: Notify::new(),
         }
+    }
+
+    pub fn handoff_swept(&self) {
+        self.handoff_pending.set(false);
     }
 
     pub fn connections(&self) -> u64 {
@@ -215,6 +223,7 @@ async fn serve(args: WorkerArgs) -> i32 {
         AcceptStrategy::RoundRobin => {
             // The master accepts; this worker needs no listening socket at all.
             drop(listeners);
+            stats.handoff_pending.set(true);
             tokio::task::spawn_local(http::handoff_loop(
                 handoff,
                 server.clone(),
@@ -289,7 +298,7 @@ where
     let deadline = start + timeout;
     let grace = (start + IDLE_CLOSE_GRACE).min(deadline);
     loop {
-        if stats.connections() == 0 {
+        if stats.connections() == 0 && !stats.handoff_pending.get() {
             info!("drained in {} ms", start.elapsed().as_millis());
             return crate::exit::OK;
         }
