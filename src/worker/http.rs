@@ -38,8 +38,9 @@ use crate::listen::{AsyncListener, LISTEN_FDS_START, Stream, check_listening_str
 use crate::service::Service;
 use crate::shutdown::{Shutdown, Stage};
 
-/// How long a busier-than-its-peers worker waits before accepting (shared strategy).
-const ACCEPT_YIELD: Duration = Duration::from_millis(1);
+/// How long a busier-than-its-peers worker waits before accepting (shared strategy): about
+/// the time an idle peer needs to wake from epoll and call accept.
+const ACCEPT_YIELD: Duration = Duration::from_micros(50);
 
 /// Wraps the inherited descriptors 3.. as tokio listeners.
 pub fn take_listeners(n: usize) -> Result<Vec<AsyncListener>, String> {
@@ -158,10 +159,12 @@ pub async fn accept_loop(listener: AsyncListener, server: Rc<Server>, mut shutdo
             _ = shutdown.reached(Stage::Draining) => return,
         };
         if server.stats.should_yield_accept() {
-            // Let a less busy worker take this one; accept anyway if none does.
-            tokio::select! {
-                _ = tokio::time::sleep(ACCEPT_YIELD) => {}
-                _ = shutdown.reached(Stage::Draining) => return,
+            // Give a less busy worker, woken by the same connection, time to take it: a
+            // short spin (serving this worker's other connections meanwhile), not a timer
+            // sleep, which at 1 ms granularity would starve short-lived connections.
+            let until = std::time::Instant::now() + ACCEPT_YIELD;
+            while std::time::Instant::now() < until && server.stats.should_yield_accept() {
+                tokio::task::yield_now().await;
             }
         }
         let accepted = tokio::select! {
