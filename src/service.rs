@@ -62,52 +62,49 @@ impl Settings {
 
 /// One per worker process.
 pub struct Service {
-    settings: Settings,
-    worker_id: usize,
+    /// The answer to `GET /`, built once: it only changes with the settings, which only
+    /// change with a new generation of workers.
+    hello: Bytes,
 }
 
 impl Service {
     /// `worker_id` is the worker's slot (0..N); it is stable across restarts and reloads.
     pub fn new(settings: Settings, worker_id: usize) -> Self {
         Service {
-            settings,
-            worker_id,
+            hello: Bytes::from(format!("{} from worker {worker_id}\n", settings.greeting)),
         }
     }
 
     pub async fn call(&self, req: ServiceRequest) -> ServiceResponse {
         match (req.method(), req.uri().path()) {
-            (&Method::GET, "/") => text(
-                StatusCode::OK,
-                format!(
-                    "{} from worker {}\n",
-                    self.settings.greeting, self.worker_id
-                ),
-            ),
-            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+            (&Method::GET, "/") => text(StatusCode::OK, self.hello.clone()),
+            (&Method::GET, "/healthz") => text(StatusCode::OK, Bytes::from_static(b"ok\n")),
             (&Method::GET, "/sleep") => {
                 // A slow request on demand: shows that stop and reload let it finish.
                 let ms = query_u64(req.uri().query(), "ms")
                     .unwrap_or(1000)
                     .min(600_000);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                text(StatusCode::OK, format!("slept {ms}ms\n"))
+                text(StatusCode::OK, format!("slept {ms}ms\n").into())
             }
             (&Method::POST, "/echo") => match req.into_body().collect().await {
                 Ok(body) => Response::new(Full::new(body.to_bytes())),
-                Err(_) => text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n".into()),
+                Err(_) => text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Bytes::from_static(b"body too large\n"),
+                ),
             },
             (_, "/" | "/healthz" | "/sleep" | "/echo") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n".into(),
             ),
-            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+            _ => text(StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
         }
     }
 }
 
-fn text(status: StatusCode, body: String) -> ServiceResponse {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+fn text(status: StatusCode, body: Bytes) -> ServiceResponse {
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
