@@ -1,5 +1,5 @@
-//! The master's side of the `round-robin` accept strategy: which worker gets the next
-//! connection, and what happens to connections a worker never took.
+//! The master's side of the `round-robin` accept strategy: its accept tasks, which worker
+//! gets the next connection, and what happens to connections a worker never took.
 //!
 //! Every connection stays held here (the master's own descriptor) until the worker it went
 //! to acknowledges it; a worker that dies first gives its unacknowledged connections back,
@@ -9,7 +9,15 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use super::pool::WorkerState;
+use super::{ChannelEvent, Master};
 use crate::handoff;
+use crate::listen::{AsyncListener, Stream};
 
 #[derive(Default)]
 pub struct Dispatcher {
@@ -74,6 +82,118 @@ impl Dispatcher {
 
     pub fn waiting(&self) -> usize {
         self.backlog.len()
+    }
+}
+
+/// The master's round-robin duties: accepting, and watching acknowledgements.
+impl Master {
+    /// One task per listening socket accepting for the workers (round-robin strategy).
+    pub(super) fn start_acceptors(&mut self) {
+        for l in &self.listeners {
+            let fd = match l.fd.try_clone() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    error!("cannot accept on {}: {e}", l.description);
+                    continue;
+                }
+            };
+            let events = self.channel_tx.clone();
+            let description = l.description.clone();
+            self.acceptors.push(tokio::spawn(async move {
+                let listener = match AsyncListener::from_fd(fd) {
+                    Ok(a) => a,
+                    Err(e) => return error!("cannot accept on {description}: {e}"),
+                };
+                loop {
+                    match listener.accept().await.and_then(Stream::into_fd) {
+                        Ok(conn) => {
+                            if events.send(ChannelEvent::Accepted(conn)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off rather than spin.
+                            warn!("master accept on {description} failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }));
+        }
+        info!("accept strategy round-robin: the master hands connections to workers in turn");
+    }
+
+    pub(super) fn stop_acceptors(&mut self) {
+        for a in self.acceptors.drain(..) {
+            a.abort();
+        }
+    }
+
+    /// Before workers are told to drain: connections already accepted (still queued as
+    /// events) go to workers while they still take them, rather than die with the master.
+    pub(super) fn hand_out_accepted(&mut self) {
+        while let Ok(ev) = self.channel_rx.try_recv() {
+            self.on_channel(ev);
+        }
+    }
+
+    /// Reads a worker's hand-off acknowledgements into the loop.
+    pub(super) fn watch_handoff(&self, pid: i32, fd: Arc<OwnedFd>) -> std::io::Result<()> {
+        nix::fcntl::fcntl(
+            &*fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        // SAFETY: the Arc inside the AsyncFd keeps this descriptor open for its lifetime.
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let events = self.channel_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = afd.readable().await else {
+                    break;
+                };
+                match crate::handoff::read_ack(afd.get_ref()) {
+                    Ok(Some(id)) => {
+                        if events.send(ChannelEvent::Acked { pid, id }).is_err() {
+                            return;
+                        }
+                    }
+                    Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let _ = events.send(ChannelEvent::HandoffClosed { pid });
+        });
+        Ok(())
+    }
+
+    /// Workers that may receive connections now, as (pid, hand-off channel).
+    pub(super) fn handoff_targets(&self) -> Vec<(i32, std::os::fd::RawFd)> {
+        self.pool
+            .workers
+            .values()
+            .filter(|w| {
+                w.generation == self.pool.generation
+                    && w.state == WorkerState::Ready
+                    && w.holds_slot()
+            })
+            .map(|w| (w.pid, w.handoff.as_raw_fd()))
+            .collect()
+    }
+
+    /// Connections a gone worker never took go to the others.
+    pub(super) fn give_back(&mut self, pid: i32) {
+        let n = self.dispatcher.worker_gone(pid);
+        if n > 0 {
+            info!(
+                pid,
+                "{n} connection(s) the worker never took are handed to another worker"
+            );
+            let targets = self.handoff_targets();
+            self.dispatcher.flush(&targets);
+        }
     }
 }
 

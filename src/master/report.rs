@@ -1,0 +1,130 @@
+//! What the master tells systemd and the operator: `READY=1` once, `STATUS=` when it
+//! changed, `WATCHDOG=1` only while the pool is healthy, and the `app status` report.
+
+use std::time::Instant;
+
+use tracing::info;
+
+use super::memory;
+use super::pool::WorkerState;
+use super::{Master, Phase};
+use crate::control::{StatusReport, WorkerReport};
+
+impl Master {
+    pub(super) fn report(&mut self, now: Instant) {
+        if self.dispatcher.waiting() > 0 {
+            let targets = self.handoff_targets();
+            self.dispatcher.flush(&targets);
+        }
+        if matches!(self.phase, Phase::Booting) && self.pool.generation_ready(self.pool.generation)
+        {
+            self.phase = Phase::Serving;
+            let status = self.status_line(now);
+            info!(
+                "all {} workers serving after {:.1} ms: READY=1",
+                self.pool.slots.len(),
+                now.duration_since(self.started).as_secs_f64() * 1e3
+            );
+            self.notifier.ready(&status);
+            if let Some(queued) = self.reload_queue.take() {
+                self.begin_rollover(queued);
+            }
+        } else if !matches!(self.phase, Phase::Stopping { .. }) {
+            let status = self.status_line(now);
+            self.notifier.status(&status);
+        }
+        if let Some(period) = self.notifier.watchdog()
+            && now >= self.next_watchdog
+            && self.pool_is_healthy(now)
+        {
+            self.notifier.watchdog_ping();
+            self.next_watchdog = now + period / 2;
+        }
+    }
+
+    /// At least one serving worker answered its latest heartbeat.
+    pub(super) fn pool_is_healthy(&self, now: Instant) -> bool {
+        let fresh = self.config.heartbeat_interval * 2;
+        self.pool.workers.values().any(|w| {
+            w.state == WorkerState::Ready
+                && w.killed.is_none()
+                && now.duration_since(w.last_pong) <= fresh
+        })
+    }
+
+    pub(super) fn status_line(&mut self, now: Instant) -> String {
+        let phase = match &self.phase {
+            Phase::Booting => "starting: ",
+            Phase::Rolling(_) => "reloading: ",
+            _ => "",
+        };
+        format!(
+            "{phase}{}/{} workers serving, generation {}, {} requests, {} restarts in {}s",
+            self.pool.serving(),
+            self.pool.slots.len(),
+            self.pool.generation,
+            self.pool.requests_total(),
+            self.budget.used(now),
+            self.budget.window().as_secs()
+        )
+    }
+
+    pub(super) fn status_report(&mut self) -> StatusReport {
+        let now = Instant::now();
+        // Fresh figures for the operator, not the last once-a-second sample.
+        for w in self.pool.workers.values_mut() {
+            if let Some(m) = memory::read(w.pid) {
+                w.memory = m;
+            }
+        }
+        let state = match &self.phase {
+            Phase::Booting => "starting",
+            Phase::Serving => "serving",
+            Phase::Rolling(_) => "reloading",
+            Phase::Stopping { .. } => "stopping",
+        };
+        let workers = self
+            .pool
+            .workers
+            .values()
+            .map(|w| WorkerReport {
+                id: w.slot,
+                pid: w.pid,
+                cpu: w.cpu,
+                generation: w.generation,
+                state: match (w.state, &w.retire) {
+                    (WorkerState::Starting, _) => "starting",
+                    (WorkerState::Ready, None) => "ready",
+                    (WorkerState::Ready, Some(_)) => "retiring",
+                    (WorkerState::Draining { .. }, _) => "draining",
+                }
+                .into(),
+                uptime_secs: w.uptime(now).as_secs_f64(),
+                requests: w.requests,
+                connections: w.connections,
+                rss_bytes: w.memory.rss,
+                pss_bytes: w.memory.pss,
+                restarts: self.pool.slots.get(w.slot).map_or(0, |s| s.restarts),
+            })
+            .collect();
+        StatusReport {
+            master_pid: std::process::id(),
+            state: state.into(),
+            generation: self.pool.generation,
+            target_workers: self.pool.slots.len(),
+            serving_workers: self.pool.serving(),
+            uptime_secs: now.duration_since(self.started).as_secs_f64(),
+            requests_total: self.pool.requests_total(),
+            restarts_in_window: self.budget.used(now),
+            restart_limit: self.budget.limit(),
+            restart_window_secs: self.budget.window().as_secs(),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| l.description.clone())
+                .collect(),
+            last_reload: self.last_reload.clone(),
+            workers,
+        }
+    }
+}
