@@ -17,6 +17,18 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use nix::errno::Errno;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
+/// A new hand-off channel: (master's end, worker's end), both close-on-exec.
+pub fn channel_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)
+}
+
 /// Sends `conn` with `id`. `Err(EAGAIN)` means the worker's queue is full; `EPIPE`/
 /// `ECONNRESET` that it is gone.
 pub fn send(channel: RawFd, id: u64, conn: RawFd) -> Result<(), Errno> {
@@ -104,17 +116,10 @@ pub fn read_ack(channel: &OwnedFd) -> Result<Option<u64>, Errno> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 
     #[test]
     fn a_descriptor_crosses_and_is_acknowledged() {
-        let (m, w) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
+        let (m, w) = channel_pair().unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
         send(m.as_raw_fd(), 7, file.as_raw_fd()).unwrap();
         match recv(w.as_raw_fd()).unwrap() {
@@ -133,13 +138,7 @@ mod tests {
 
     #[test]
     fn sending_to_a_dead_worker_fails_so_the_master_can_retry() {
-        let (m, w) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
+        let (m, w) = channel_pair().unwrap();
         drop(w);
         let file = std::fs::File::open("/dev/null").unwrap();
         assert!(send(m.as_raw_fd(), 1, file.as_raw_fd()).is_err());

@@ -343,14 +343,8 @@ fn garbage_on_a_worker_channel_gets_that_worker_replaced() {
         let mut s = std::os::unix::net::UnixStream::from(fd);
         s.write_all(&payload).unwrap();
         drop(s);
-        let replaced = wait_until(Duration::from_secs(3), || {
-            let ws = srv.workers();
-            (!ws.iter().any(|w| w.1 == victim.1)
-                && ws.iter().filter(|w| w.4 == "ready").count() == 2)
-                .then_some(())
-        });
         assert!(
-            replaced.is_some(),
+            srv.wait_replaced_all(victim.1, 2, Duration::from_secs(3)),
             "{:?}\n{}",
             srv.workers(),
             srv.log_text()

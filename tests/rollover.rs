@@ -178,14 +178,8 @@ fn binary_that_exits_at_start_fails_the_reload_and_keeps_serving() {
     // A crash in the serving generation is replaced from that generation's binary, not the
     // broken one now on disk.
     unsafe { libc::kill(pids[0], libc::SIGKILL) };
-    let replaced = wait_until(Duration::from_secs(3), || {
-        let ws = srv.workers();
-        (ws.iter().filter(|w| w.4 == "ready").count() == pids.len()
-            && !ws.iter().any(|w| w.1 == pids[0]))
-        .then_some(())
-    });
     assert!(
-        replaced.is_some(),
+        srv.wait_replaced_all(pids[0], pids.len(), Duration::from_secs(3)),
         "{:?}\n{}",
         srv.workers(),
         srv.log_text()

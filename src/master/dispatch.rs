@@ -200,22 +200,11 @@ impl Master {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-
-    fn pair() -> (OwnedFd, OwnedFd) {
-        socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap()
-    }
 
     #[test]
     fn round_robin_and_give_back_on_death() {
-        let (m1, w1) = pair();
-        let (m2, w2) = pair();
+        let (m1, w1) = handoff::channel_pair().unwrap();
+        let (m2, w2) = handoff::channel_pair().unwrap();
         let targets = [(1, m1.as_raw_fd()), (2, m2.as_raw_fd())];
         let mut d = Dispatcher::default();
         for _ in 0..4 {

@@ -105,13 +105,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
     .map_err(std::io::Error::from)?;
     let worker_end = move_high(worker_end).map_err(std::io::Error::other)?;
     // Only used by the round-robin strategy, but always present so the layout is fixed.
-    let (handoff_master, handoff_worker) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(std::io::Error::from)?;
+    let (handoff_master, handoff_worker) = crate::handoff::channel_pair()?;
 
     // Source → target descriptor moves, decided before fork (no allocation after it).
     let mut moves: Vec<(RawFd, RawFd)> = req

@@ -263,6 +263,16 @@ impl Server {
             .collect()
     }
 
+    /// Waits until `n` workers are ready and `gone` is not among them (a replacement).
+    pub fn wait_replaced_all(&self, gone: i32, n: usize, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            let ws = self.workers();
+            (ws.iter().filter(|w| w.4 == "ready").count() == n && !ws.iter().any(|w| w.1 == gone))
+                .then_some(())
+        })
+        .is_some()
+    }
+
     /// Runs the real client binary: `app <args> --control-socket <ours>`.
     pub fn client(&self, args: &[&str]) -> std::process::Output {
         Command::new(APP)
