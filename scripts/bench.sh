@@ -577,7 +577,8 @@ run_load() { # name mode conns duration [event] -> appends a JSON object to RESU
         sed 's/^/    /' "$base.wrk" >&2
         wrkjson='{"requests":0,"duration_us":1,"err_connect":0,"err_read":0,"err_write":0,"err_timeout":0,"err_status":0}'
     fi
-    local alive=true
+    local alive=true outf=$RESULTS
+    [ -n "$event" ] && outf=$EVENTS
     [ -z "$root" ] || kill -0 "$root" 2>/dev/null || alive=false
     jq -cn --arg server "$name" --arg mode "$mode" --argjson conns "$conns" --argjson threads "$threads" \
         --argjson dur "$dur" --arg event "$event" --argjson w "$wrkjson" --argjson t0 "$t0" --argjson t1 "$t1" \
@@ -612,9 +613,9 @@ run_load() { # name mode conns duration [event] -> appends a JSON object to RESU
            loaded_rss_kb: $mem.rss_kb, loaded_pss_kb: $mem.pss_kb,
            worker_requests: $fr.counts, fairness_src: $fr.src, fairness_req: ($fr.counts | jain),
            worker_cpu_ticks: $wcpu, fairness_cpu: (if ($wcpu | add // 0) > 0 then ($wcpu | jain) else null end),
-           alive_after: $alive, workers_after: $nworkers}' >>"${event:+$EVENTS}${event:-$RESULTS}"
+           alive_after: $alive, workers_after: $nworkers}' >>"$outf"
     local last
-    last=$(tail -n 1 "${event:+$EVENTS}${event:-$RESULTS}")
+    last=$(tail -n 1 "$outf")
     log "$(jq -r '"\(.server) \(.mode) c=\(.conns)\(if .event then " " + .event + " x\(.events)" else "" end): \(.rps | floor) req/s, p99 \(.p99_ms) ms, errors \(.errors), cpu \(.cpu_us_per_req // "-" | if type == "number" then (. * 10 | round / 10 | tostring) else . end) us/req"' <<<"$last")"
 }
 
