@@ -264,11 +264,15 @@ mem_json() { # {"rss_kb":..,"pss_kb":..,"procs":..} summed over the tree of $1
 listener_pids() { ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u || true; }
 
 pick_port() { # sets PICKED to a port nobody listens on
-    local p i
+    local p i lo=32768 span
+    # below the ephemeral range, so no client socket (wrk's, TIME_WAIT) can hold the port
+    read -r lo _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+    span=$((lo - 20000))
+    [ "$span" -ge 1000 ] || { lo=65000; span=$((lo - 61000)) && lo=65000; }
     for i in $(seq 1 500); do
-        p=$((20000 + RANDOM % 30000))
+        p=$((lo - 1 - RANDOM % span))
         [[ " ${USED_PORTS[*]} " == *" $p "* ]] && continue
-        if [ -z "$(ss -ltnH "sport = :$p" 2>/dev/null)" ]; then
+        if [ -z "$(ss -tanH "sport = :$p" 2>/dev/null)" ]; then
             USED_PORTS+=("$p")
             PICKED=$p
             return 0
