@@ -11,18 +11,24 @@
 //!
 //! The page is a memfd the master creates and hands to every worker; entry `i` is
 //! `connections + 1` for the worker that holds board index `i`, or 0 when free. The master
-//! assigns indexes and clears a dead worker's entry when it reaps it.
+//! assigns indexes (lowest free first) and releases a dead worker's entry when it reaps it.
+//! The page's last word is how many entries have ever been in use, so the check a worker
+//! makes before every accept reads a handful of entries, not the whole page.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Entries on the board, and so the most workers (of all generations) alive at once.
-pub const ENTRIES: usize = 1024;
-const BYTES: usize = ENTRIES * std::mem::size_of::<AtomicU32>();
+pub const ENTRIES: usize = 1023;
+/// The word after the entries: how many entries have ever been assigned.
+const IN_USE: usize = ENTRIES;
+const BYTES: usize = (ENTRIES + 1) * std::mem::size_of::<AtomicU32>();
 
 pub struct LoadBoard {
     fd: OwnedFd,
     base: *const AtomicU32,
+    /// Entries assigned by this process (the master's bookkeeping; empty in workers).
+    assigned: std::collections::BTreeSet<usize>,
 }
 
 impl LoadBoard {
@@ -61,6 +67,7 @@ impl LoadBoard {
         Ok(LoadBoard {
             fd,
             base: ptr as *const AtomicU32,
+            assigned: Default::default(),
         })
     }
 
@@ -69,7 +76,7 @@ impl LoadBoard {
     }
 
     fn entry(&self, i: usize) -> &AtomicU32 {
-        assert!(i < ENTRIES);
+        assert!(i <= IN_USE);
         // SAFETY: in bounds of the mapping, which lives as long as self; AtomicU32 has the
         // size and alignment of u32 and the page is only ever accessed atomically.
         unsafe { &*self.base.add(i) }
@@ -81,13 +88,26 @@ impl LoadBoard {
         self.entry(i).store(v, Ordering::Relaxed);
     }
 
-    pub fn clear(&self, i: usize) {
+    /// Gives out the lowest free entry, cleared (master).
+    pub fn assign(&mut self) -> Option<usize> {
+        let i = (0..ENTRIES).find(|i| !self.assigned.contains(i))?;
+        self.assigned.insert(i);
         self.entry(i).store(0, Ordering::Relaxed);
+        self.entry(IN_USE)
+            .fetch_max(i as u32 + 1, Ordering::Relaxed);
+        Some(i)
+    }
+
+    /// Frees entry `i` for the next worker (master).
+    pub fn release(&mut self, i: usize) {
+        self.entry(i).store(0, Ordering::Relaxed);
+        self.assigned.remove(&i);
     }
 
     /// Connections of the least-loaded live worker other than `i`.
     pub fn least_other(&self, i: usize) -> Option<u64> {
-        (0..ENTRIES)
+        let in_use = (self.entry(IN_USE).load(Ordering::Relaxed) as usize).min(ENTRIES);
+        (0..in_use)
             .filter(|&j| j != i)
             .map(|j| self.entry(j).load(Ordering::Relaxed))
             .filter(|&v| v > 0)
@@ -103,38 +123,28 @@ impl Drop for LoadBoard {
     }
 }
 
-/// Board indexes in use (master side).
-#[derive(Default)]
-pub struct Indexes {
-    used: std::collections::BTreeSet<usize>,
-}
-
-impl Indexes {
-    pub fn take(&mut self) -> Option<usize> {
-        let i = (0..ENTRIES).find(|i| !self.used.contains(i))?;
-        self.used.insert(i);
-        Some(i)
-    }
-
-    pub fn free(&mut self, i: usize) {
-        self.used.remove(&i);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn entries_are_shared_between_mappings() {
-        let a = LoadBoard::create().unwrap();
+        let mut a = LoadBoard::create().unwrap();
         let b = LoadBoard::map(a.fd().try_clone().unwrap()).unwrap();
         assert_eq!(b.least_other(0), None);
+        assert_eq!(
+            (a.assign(), a.assign(), a.assign()),
+            (Some(0), Some(1), Some(2))
+        );
         a.publish(1, 5);
         a.publish(2, 3);
         assert_eq!(b.least_other(0), Some(3));
         assert_eq!(b.least_other(2), Some(5));
-        b.clear(2);
-        assert_eq!(a.least_other(0), Some(5));
+        a.release(2);
+        assert_eq!(b.least_other(0), Some(5));
+        // A released entry is given out again, and starts empty.
+        a.publish(0, 9);
+        assert_eq!(a.assign(), Some(2));
+        assert_eq!(b.least_other(0), Some(5));
     }
 }

@@ -42,7 +42,7 @@ use crate::control::{self, Reply, Request};
 use crate::exit;
 use crate::ipc::{self, ToMaster, ToWorker, WorkerSetup};
 use crate::listen::Listener;
-use crate::loadboard::{Indexes, LoadBoard};
+use crate::loadboard::LoadBoard;
 use crate::notify::Notifier;
 
 use budget::RestartBudget;
@@ -115,7 +115,6 @@ pub struct Master {
     control_path: std::path::PathBuf,
     dispatcher: Dispatcher,
     board: LoadBoard,
-    board_indexes: Indexes,
     acceptors: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -161,7 +160,6 @@ impl Master {
             control_path,
             dispatcher: Dispatcher::default(),
             board,
-            board_indexes: Indexes::default(),
             acceptors: Vec::new(),
         })
     }
@@ -396,8 +394,7 @@ impl Master {
                 continue;
             };
             self.pool.requests_retired += w.requests;
-            self.board.clear(w.board_index);
-            self.board_indexes.free(w.board_index);
+            self.board.release(w.board_index);
             self.give_back(pid);
             self.on_exit(w, cause, now);
         }
@@ -612,10 +609,9 @@ impl Master {
         let (config, exe) = with.unwrap_or((&self.config, &self.exe));
         let cpu = self.pool.slots[slot].cpu;
         let board_index = self
-            .board_indexes
-            .take()
+            .board
+            .assign()
             .ok_or_else(|| std::io::Error::other("no free load-board entry: too many workers"))?;
-        self.board.clear(board_index);
         let spawned = spawn::spawn(SpawnRequest {
             exe,
             listeners: &self.listeners,
@@ -628,7 +624,7 @@ impl Master {
         let spawned = match spawned {
             Ok(s) => s,
             Err(e) => {
-                self.board_indexes.free(board_index);
+                self.board.release(board_index);
                 return Err(e);
             }
         };
