@@ -124,44 +124,50 @@ fn serve(args: ServeArgs) -> Result<i32, Fatal> {
     Ok(rt.block_on(master.run()))
 }
 
-fn client_reload(c: ClientArgs) -> i32 {
-    match control::call(c.control_socket.as_deref(), &control::Request::Reload) {
-        Ok(r) if r.ok => {
-            println!("{}", r.message.unwrap_or_else(|| "reloaded".into()));
-            exit::OK
-        }
+/// Asks the master; a refusal or an unreachable master is reported here, as one line with
+/// its exit code, so callers only handle the successful reply.
+fn ask(c: &ClientArgs, request: control::Request, what: &str) -> Result<control::Reply, i32> {
+    match control::call(c.control_socket.as_deref(), &request) {
+        Ok(r) if r.ok => Ok(r),
         Ok(r) => {
-            eprintln!("app: {}", r.error.unwrap_or_else(|| "reload failed".into()));
-            1
+            eprintln!(
+                "app: {}",
+                r.error.unwrap_or_else(|| format!("{what} failed"))
+            );
+            Err(1)
         }
         Err((code, msg)) => {
             eprintln!("app: {msg}");
-            code
+            Err(code)
         }
     }
 }
 
-fn client_status(c: ClientArgs, json: bool) -> i32 {
-    match control::call(c.control_socket.as_deref(), &control::Request::Status) {
-        Ok(control::Reply {
-            ok: true,
-            status: Some(s),
-            ..
-        }) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
-            } else {
-                print!("{}", control::render_table(&s));
-            }
+fn client_reload(c: ClientArgs) -> i32 {
+    match ask(&c, control::Request::Reload, "reload") {
+        Ok(r) => {
+            println!("{}", r.message.unwrap_or_else(|| "reloaded".into()));
             exit::OK
         }
-        Ok(r) => {
-            eprintln!("app: {}", r.error.unwrap_or_else(|| "no status".into()));
-            1
-        }
-        Err((code, msg)) => {
-            eprintln!("app: {msg}");
-            code
-        }
+        Err(code) => code,
     }
+}
+
+fn client_status(c: ClientArgs, json: bool) -> i32 {
+    let s = match ask(&c, control::Request::Status, "status") {
+        Ok(control::Reply {
+            status: Some(s), ..
+        }) => s,
+        Ok(_) => {
+            eprintln!("app: the master sent no status");
+            return 1;
+        }
+        Err(code) => return code,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+    } else {
+        print!("{}", control::render_table(&s));
+    }
+    exit::OK
 }
