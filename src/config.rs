@@ -20,7 +20,16 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::exit::Fatal;
-use crate::service;
+
+/// Validates the `[service]` table through the user's settings type (see
+/// [`crate::Settings`]); the supervisor itself never names that type.
+pub type SettingsCheck = fn(&toml::Value) -> Result<(), String>;
+
+/// Accepts any `[service]` table: for tests of the supervisor's own keys.
+#[cfg(test)]
+pub fn any_settings(_: &toml::Value) -> Result<(), String> {
+    Ok(())
+}
 
 /// How workers get their connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -47,6 +56,23 @@ pub struct HttpLimits {
     pub max_body_bytes: u64,
     /// Concurrent connections one worker serves; above it the worker stops accepting.
     pub max_connections: usize,
+    /// Most header fields in one request head; more gets 431.
+    pub max_headers: usize,
+    /// A request body the service is waiting for must deliver data within this time, and
+    /// `Expect: 100-continue` with no body is cut after it too.
+    #[serde(with = "duration_ms")]
+    pub body_read_timeout: Duration,
+    /// Once a body has been read for `body_read_timeout`, its average rate must be at least
+    /// this many bytes per second (a trickle is cut); 0 turns the check off.
+    pub min_body_rate: u64,
+    /// Body bytes a worker holds for requests whose bodies are still arriving, summed over
+    /// its connections; a body that would pass it fails (503), so stalled uploads cannot pin
+    /// memory.
+    pub max_pending_body_bytes: u64,
+    /// A connection whose peer accepts no bytes for this long is closed (a client that
+    /// stops reading its responses).
+    #[serde(with = "duration_ms")]
+    pub send_timeout: Duration,
 }
 
 /// Everything the master and its workers need, merged and validated.
@@ -72,7 +98,9 @@ pub struct Config {
     pub chaos: bool,
     pub chaos_boot_crash: bool,
     pub http: HttpLimits,
-    pub service: service::Settings,
+    /// The `[service]` table as written (an empty table when absent), checked by the
+    /// user's settings type and handed to every worker.
+    pub service: toml::Value,
 }
 
 /// Flags of `app serve`. Every value also reads from `APP_<KEY>`; all are optional so that
@@ -162,7 +190,7 @@ struct FileConfig {
     #[serde(default)]
     http: FileHttp,
     #[serde(default)]
-    service: Option<service::Settings>,
+    service: Option<toml::Table>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +201,11 @@ struct FileHttp {
     max_header_bytes: Option<SizeValue>,
     max_body_bytes: Option<SizeValue>,
     max_connections: Option<usize>,
+    max_headers: Option<usize>,
+    body_read_timeout: Option<String>,
+    min_body_rate: Option<SizeValue>,
+    max_pending_body_bytes: Option<SizeValue>,
+    send_timeout: Option<String>,
 }
 
 /// A size written either as a number of bytes or as a string with a unit ("64KiB").
@@ -253,15 +286,24 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
 impl Config {
     /// Merges defaults, file, environment and flags (see the module docs) and validates.
     /// `default_workers` is the number of CPUs the process may run on.
-    pub fn load(args: &ServeArgs, default_workers: usize) -> Result<Config, Fatal> {
+    pub fn load(
+        args: &ServeArgs,
+        default_workers: usize,
+        check: SettingsCheck,
+    ) -> Result<Config, Fatal> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        Self::merge(args, file, default_workers)
+        Self::merge(args, file, default_workers, check)
     }
 
-    fn merge(args: &ServeArgs, f: FileConfig, default_workers: usize) -> Result<Config, Fatal> {
+    fn merge(
+        args: &ServeArgs,
+        f: FileConfig,
+        default_workers: usize,
+        check: SettingsCheck,
+    ) -> Result<Config, Fatal> {
         let bind = match (&args.bind, &f.bind) {
             (Some(b), _) => *b,
             (None, Some(s)) => s
@@ -287,6 +329,19 @@ impl Config {
                 None => 1 << 20,
             },
             max_connections: f.http.max_connections.unwrap_or(10_000),
+            max_headers: f.http.max_headers.unwrap_or(100),
+            body_read_timeout: file_duration(&f.http.body_read_timeout, "http.body_read_timeout")?
+                .unwrap_or(Duration::from_secs(15)),
+            min_body_rate: match &f.http.min_body_rate {
+                Some(v) => v.resolve("http.min_body_rate")?,
+                None => 240,
+            },
+            max_pending_body_bytes: match &f.http.max_pending_body_bytes {
+                Some(v) => v.resolve("http.max_pending_body_bytes")?,
+                None => 64 << 20,
+            },
+            send_timeout: file_duration(&f.http.send_timeout, "http.send_timeout")?
+                .unwrap_or(Duration::from_secs(30)),
         };
         let max_memory = match (args.max_memory, &f.max_memory) {
             (Some(v), _) => v,
@@ -341,9 +396,10 @@ impl Config {
             chaos: args.chaos || f.chaos.unwrap_or(false),
             chaos_boot_crash: args.chaos_boot_crash,
             http,
-            service: f.service.unwrap_or_default(),
+            service: toml::Value::Table(f.service.unwrap_or_default()),
         };
         cfg.validate()?;
+        check(&cfg.service).map_err(|e| invalid("service", e))?;
         Ok(cfg)
     }
 
@@ -379,6 +435,8 @@ impl Config {
             ("restart_window", self.restart_window),
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.keepalive_timeout", self.http.keepalive_timeout),
+            ("http.body_read_timeout", self.http.body_read_timeout),
+            ("http.send_timeout", self.http.send_timeout),
         ] {
             check(
                 d <= MAX_DURATION,
@@ -393,6 +451,8 @@ impl Config {
             ("restart_window", self.restart_window),
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.keepalive_timeout", self.http.keepalive_timeout),
+            ("http.body_read_timeout", self.http.body_read_timeout),
+            ("http.send_timeout", self.http.send_timeout),
         ] {
             check(!d.is_zero(), key, "must be greater than zero".into())?;
         }
@@ -425,6 +485,22 @@ impl Config {
             ),
         )?;
         check(
+            (1..=10_000).contains(&self.http.max_headers),
+            "http.max_headers",
+            format!(
+                "must be between 1 and 10000 (got {})",
+                self.http.max_headers
+            ),
+        )?;
+        check(
+            self.http.max_pending_body_bytes >= self.http.max_body_bytes.min(1 << 20),
+            "http.max_pending_body_bytes",
+            format!(
+                "must be at least max_body_bytes or 1MiB, whichever is smaller (got {})",
+                self.http.max_pending_body_bytes
+            ),
+        )?;
+        check(
             self.max_memory == 0 || self.max_memory >= 1 << 20,
             "max_memory",
             format!(
@@ -432,7 +508,6 @@ impl Config {
                 self.max_memory
             ),
         )?;
-        self.service.validate().map_err(|e| invalid("service", e))?;
         Ok(())
     }
 }
@@ -467,7 +542,7 @@ mod duration_ms {
 #[cfg(test)]
 pub fn from_text(text: &str, default_workers: usize) -> Result<Config, Fatal> {
     let f = parse_file(text).map_err(Fatal::config)?;
-    Config::merge(&ServeArgs::default(), f, default_workers)
+    Config::merge(&ServeArgs::default(), f, default_workers, any_settings)
 }
 
 #[cfg(test)]
@@ -476,7 +551,7 @@ mod tests {
 
     fn load(toml: &str, args: ServeArgs) -> Result<Config, Fatal> {
         let f = parse_file(toml).map_err(Fatal::config)?;
-        Config::merge(&args, f, 2)
+        Config::merge(&args, f, 2, any_settings)
     }
 
     #[test]

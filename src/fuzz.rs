@@ -69,7 +69,10 @@ fn any_to_master() -> impl Strategy<Value = ToMaster> {
                 connections,
             }
         }),
-        ".{0,200}".prop_map(|reason| ToMaster::Leaving { reason }),
+        ".{0,200}".prop_map(|reason| ToMaster::Leaving {
+            reason,
+            planned: false
+        }),
     ]
 }
 
@@ -141,8 +144,10 @@ fn config_load(bytes: &[u8]) {
         let _ = now
             + c.heartbeat_interval * c.heartbeat_misses
             + c.http.header_read_timeout
-            + c.http.keepalive_timeout;
-        assert!(c.service.validate().is_ok());
+            + c.http.keepalive_timeout
+            + c.http.body_read_timeout
+            + c.http.send_timeout;
+        assert!(c.service.is_table());
     }
 }
 
@@ -187,6 +192,11 @@ fn config_line() -> impl Strategy<Value = String> {
         Just("max_header_bytes"),
         Just("max_body_bytes"),
         Just("max_connections"),
+        Just("max_headers"),
+        Just("body_read_timeout"),
+        Just("min_body_rate"),
+        Just("max_pending_body_bytes"),
+        Just("send_timeout"),
         Just("bogus"),
     ];
     let value = prop_oneof![

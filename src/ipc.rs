@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 
 use crate::config::{AcceptStrategy, HttpLimits};
-use crate::service;
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
@@ -21,9 +20,22 @@ pub const MAX_FRAME: usize = 64 * 1024;
 /// Everything a worker needs to serve; the first message on every channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerSetup {
+    /// The worker's slot (0..N): stable across restarts and reloads.
+    pub slot: usize,
+    pub generation: u64,
+    /// The CPU the slot is pinned to.
+    pub cpu: usize,
+    /// The `FileDescriptorName=` of each listening socket at fd 3.., in order.
+    pub listeners: Vec<String>,
+    /// This worker's entry on the load board.
+    pub board_index: usize,
     pub log_level: String,
     pub http: HttpLimits,
-    pub service: service::Settings,
+    /// The `[service]` table, for the user's settings type to deserialize.
+    pub service: toml::Value,
+    /// Requests after which the worker stops accepting and asks to be replaced (the
+    /// `max_requests` limit with this worker's jitter applied); 0 = no limit.
+    pub max_requests: u64,
     pub chaos: bool,
     pub accept: AcceptStrategy,
     /// How long to drain when the worker decides to leave on its own (SIGTERM, a panic).
@@ -60,7 +72,13 @@ pub enum ToMaster {
     },
     /// The worker is going away on its own (a panic) and has begun draining: start the
     /// replacement now.
-    Leaving { reason: String },
+    Leaving {
+        reason: String,
+        /// A planned departure (its request limit), not a fault: not charged to the restart
+        /// budget.
+        #[serde(default)]
+        planned: bool,
+    },
 }
 
 pub fn codec() -> LengthDelimitedCodec {

@@ -236,12 +236,97 @@ impl Stream {
         }
     }
 
+    /// The local address, described as [`describe`] does for listeners.
+    pub fn local_description(&self) -> String {
+        match self {
+            Stream::Tcp(s) => describe(s.as_raw_fd()),
+            Stream::Unix(s) => describe(s.as_raw_fd()),
+        }
+    }
+
     pub fn into_fd(self) -> std::io::Result<OwnedFd> {
         Ok(match self {
             Stream::Tcp(s) => s.into_std()?.into(),
             Stream::Unix(s) => s.into_std()?.into(),
         })
     }
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Checks that `fd` is an open Unix-domain socket (a worker's end of a channel from its
+/// master), before the worker adopts it.
+pub fn check_socket_pair_end(fd: RawFd) -> Result<(), String> {
+    if fd < 0 {
+        return Err("negative descriptor".into());
+    }
+    // SAFETY: borrowed only for this call; fstat on a closed or foreign number fails
+    // cleanly (EBADF) rather than touching memory.
+    let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let stat = nix::sys::stat::fstat(bfd).map_err(|e| format!("fd {fd}: {e}"))?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK || !is_unix(fd) {
+        return Err(format!("fd {fd} is not a Unix socket"));
+    }
+    Ok(())
 }
 
 /// True for a Unix-domain socket (listening or connected).

@@ -71,6 +71,21 @@ impl LoadBoard {
         })
     }
 
+    /// Adopts the board the master placed at `fd` (worker), after checking that it is a
+    /// regular file (a memfd) large enough to map, so a wrong descriptor is an error rather
+    /// than a SIGBUS on first use.
+    pub fn adopt(fd: std::os::fd::RawFd) -> std::io::Result<LoadBoard> {
+        // SAFETY: borrowed only for fstat, which fails cleanly on a closed number.
+        let st = nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || (st.st_size as usize) < BYTES {
+            return Err(std::io::Error::other(format!(
+                "fd {fd} is not a load board (not a memfd of {BYTES} bytes)"
+            )));
+        }
+        // SAFETY: checked above; the master placed it here for this process alone.
+        Self::map(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
     }
@@ -115,6 +130,12 @@ impl LoadBoard {
             .map(|v| u64::from(v - 1))
     }
 }
+
+// SAFETY: the mapping is only ever accessed through atomics, and it stays mapped until the
+// board is dropped; which thread does either does not matter.
+unsafe impl Send for LoadBoard {}
+// SAFETY: as above: shared access is atomic loads and stores.
+unsafe impl Sync for LoadBoard {}
 
 impl Drop for LoadBoard {
     fn drop(&mut self) {

@@ -1,34 +1,32 @@
-//! The service: **the one file you edit to make this template yours.**
+//! The demo service: **the file you edit to make this template yours.**
 //!
-//! Everything else in the crate is the supervisor (socket activation, workers, heartbeats,
-//! reloads, systemd). This module knows nothing of it and imports nothing from it: it gets
-//! a request and answers it. The contract is small:
+//! It is an ordinary axum application. The supervisor around it (the `app` library) imports
+//! nothing from it, and it imports nothing of the supervisor but the two types it is handed:
 //!
-//! * [`Settings`] is the `[service]` table of the config file. It is validated by the master
-//!   before anything starts and pushed to every worker; a reload (`systemctl reload app`)
-//!   brings new settings to a new generation of workers.
-//! * [`Service::new`] runs once per worker process, before it serves.
-//! * [`Service::call`] answers one request. It runs on the worker's single-threaded runtime:
-//!   await I/O freely, but do not block the thread (a blocked thread misses heartbeats and
-//!   the master replaces the worker, which is the point).
+//! * [`Settings`] is the `[service]` table of the config file, validated by the master on
+//!   start and on every reload (`systemctl reload app`), which brings new settings to a new
+//!   generation of workers.
+//! * [`make`] runs once in each worker process, before it serves, and may `await` (open a
+//!   database pool, warm a cache). It returns the `Router`.
 //!
-//! Around it, the worker already provides: `X-Worker` on every response, request limits
-//! (header size and time, body size, connection count), a 500 for a panicking handler, and
-//! graceful drain.
+//! Handlers run on the worker's single-threaded runtime: await I/O freely, but do not block
+//! the thread (a blocked thread misses heartbeats and the master replaces the worker, which
+//! is the point). State built in `make` belongs to this worker process alone.
 
+use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use futures_util::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
-
-/// The request type handed to [`Service::call`]: the body is already capped at the
-/// configured `http.max_body_bytes`, so reading it cannot exhaust memory.
-pub type ServiceRequest = Request<Limited<Incoming>>;
-/// The response type: a complete body.
-pub type ServiceResponse = Response<Full<Bytes>>;
 
 /// The `[service]` table of the config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,10 +44,8 @@ impl Default for Settings {
     }
 }
 
-impl Settings {
-    /// Called by the master on start and on every reload; an error fails the reload and
-    /// keeps the running workers.
-    pub fn validate(&self) -> Result<(), String> {
+impl app::Settings for Settings {
+    fn validate(&self) -> Result<(), String> {
         if self.greeting.is_empty() || self.greeting.len() > 256 {
             return Err("greeting must be 1 to 256 bytes".into());
         }
@@ -60,64 +56,131 @@ impl Settings {
     }
 }
 
-/// One per worker process.
-pub struct Service {
+/// What every handler of this worker shares.
+struct Demo {
     /// The answer to `GET /`, built once: it only changes with the settings, which only
     /// change with a new generation of workers.
     hello: Bytes,
 }
 
-impl Service {
-    /// `worker_id` is the worker's slot (0..N); it is stable across restarts and reloads.
-    pub fn new(settings: Settings, worker_id: usize) -> Self {
-        Service {
-            hello: Bytes::from(format!("{} from worker {worker_id}\n", settings.greeting)),
-        }
-    }
+/// Builds this worker's service.
+pub async fn make(worker: app::Worker<Settings>) -> Result<Router, Infallible> {
+    let demo = Arc::new(Demo {
+        hello: Bytes::from(format!(
+            "{} from worker {}\n",
+            worker.settings.greeting, worker.id
+        )),
+    });
+    Ok(Router::new()
+        .route("/", get(hello))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/sleep", get(sleep))
+        .route("/echo", post(echo))
+        .route("/stream", get(chunks))
+        .route("/sse", get(sse))
+        .route("/ws", get(ws))
+        .route("/users/{id}", get(user))
+        .with_state(demo))
+}
 
-    pub async fn call(&self, req: ServiceRequest) -> ServiceResponse {
-        match (req.method(), req.uri().path()) {
-            (&Method::GET, "/") => text(StatusCode::OK, self.hello.clone()),
-            (&Method::GET, "/healthz") => text(StatusCode::OK, Bytes::from_static(b"ok\n")),
-            (&Method::GET, "/sleep") => {
-                // A slow request on demand: shows that stop and reload let it finish.
-                let ms = query_u64(req.uri().query(), "ms")
-                    .unwrap_or(1000)
-                    .min(600_000);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                text(StatusCode::OK, format!("slept {ms}ms\n").into())
-            }
-            (&Method::POST, "/echo") => match req.into_body().collect().await {
-                Ok(body) => Response::new(Full::new(body.to_bytes())),
-                Err(_) => text(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    Bytes::from_static(b"body too large\n"),
-                ),
-            },
-            (_, "/" | "/healthz" | "/sleep" | "/echo") => text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed\n".into(),
-            ),
-            _ => text(StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
+async fn hello(State(demo): State<Arc<Demo>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        demo.hello.clone(),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct Pace {
+    ms: Option<u64>,
+    chunks: Option<u64>,
+    events: Option<u64>,
+}
+
+/// A slow request on demand: shows that stop and reload let it finish.
+async fn sleep(Query(p): Query<Pace>) -> String {
+    let ms = p.ms.unwrap_or(1000).min(600_000);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    format!("slept {ms}ms\n")
+}
+
+/// The body back, as sent (the worker caps its size at `http.max_body_bytes`).
+async fn echo(body: Bytes) -> Bytes {
+    body
+}
+
+/// `N` chunks, `M` ms apart, as they are produced (chunked transfer encoding).
+async fn chunks(Query(p): Query<Pace>) -> Response {
+    let n = p.chunks.unwrap_or(5).min(10_000);
+    let gap = Duration::from_millis(p.ms.unwrap_or(200).min(60_000));
+    Body::from_stream(paced(n, gap, |i| Bytes::from(format!("chunk {i}\n")))).into_response()
+}
+
+/// Server-Sent Events: `N` events, `M` ms apart.
+async fn sse(Query(p): Query<Pace>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let n = p.events.unwrap_or(5).min(10_000);
+    let gap = Duration::from_millis(p.ms.unwrap_or(200).min(60_000));
+    Sse::new(paced(n, gap, |i| {
+        Event::default()
+            .id(i.to_string())
+            .data(format!("event {i}"))
+    }))
+}
+
+/// `n` items made by `item`, the first at once and then one every `gap`.
+fn paced<T: Send + 'static>(
+    n: u64,
+    gap: Duration,
+    item: fn(u64) -> T,
+) -> impl Stream<Item = Result<T, Infallible>> + Send + 'static {
+    stream::unfold(0, move |i| async move {
+        if i >= n {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        Some((Ok(item(i)), i + 1))
+    })
+}
+
+/// A WebSocket that echoes every text and binary message.
+async fn ws(upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(echo_socket)
+}
+
+async fn echo_socket(mut socket: WebSocket) {
+    while let Some(Ok(msg)) = socket.recv().await {
+        let reply = match msg {
+            Message::Text(_) | Message::Binary(_) => msg,
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        if socket.send(reply).await.is_err() {
+            break;
         }
     }
 }
 
-fn text(status: StatusCode, body: Bytes) -> ServiceResponse {
-    let mut resp = Response::new(Full::new(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
+#[derive(Serialize)]
+struct User {
+    id: u64,
+    name: &'static str,
 }
 
-/// `?ms=250` style lookups without pulling in a URL crate.
-pub fn query_u64(query: Option<&str>, key: &str) -> Option<u64> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| v.parse().ok())
+/// JSON for a known id, a JSON 404 otherwise.
+async fn user(Path(id): Path<u64>) -> Response {
+    const USERS: [&str; 3] = ["ada", "grace", "edsger"];
+    match usize::try_from(id)
+        .ok()
+        .and_then(|i| USERS.get(i.checked_sub(1)?))
+    {
+        Some(name) => Json(User { id, name }).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": "no such user", "id": id })),
+        )
+            .into_response(),
+    }
 }

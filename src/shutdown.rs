@@ -15,29 +15,32 @@
 use tokio::sync::watch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stage {
+pub(crate) enum Stage {
     Running,
     Draining,
     CloseIdle,
 }
 
-pub struct Trigger {
+pub(crate) struct Trigger {
     tx: watch::Sender<Stage>,
 }
 
+/// A worker's shutdown, as seen by its connections and by your service (through
+/// [`Worker::shutdown`](crate::Worker)): whether the worker is draining, and a future that
+/// resolves when it starts to.
 #[derive(Clone)]
 pub struct Shutdown {
     rx: watch::Receiver<Stage>,
 }
 
-pub fn channel() -> (Trigger, Shutdown) {
+pub(crate) fn channel() -> (Trigger, Shutdown) {
     let (tx, rx) = watch::channel(Stage::Running);
     (Trigger { tx }, Shutdown { rx })
 }
 
 impl Trigger {
     /// Moves to `stage` (never backwards).
-    pub fn advance(&self, stage: Stage) {
+    pub(crate) fn advance(&self, stage: Stage) {
         self.tx.send_if_modified(|s| {
             if stage > *s {
                 *s = stage;
@@ -50,16 +53,22 @@ impl Trigger {
 }
 
 impl Shutdown {
-    pub fn stage(&self) -> Stage {
+    pub(crate) fn stage(&self) -> Stage {
         *self.rx.borrow()
     }
 
+    /// True once the worker stopped accepting (a reload, a stop, a recycle).
     pub fn is_draining(&self) -> bool {
         self.stage() >= Stage::Draining
     }
 
+    /// Resolves when the worker starts draining: end long-lived streams here.
+    pub async fn draining(&mut self) {
+        self.reached(Stage::Draining).await
+    }
+
     /// Resolves once the stage is `stage` or later.
-    pub async fn reached(&mut self, stage: Stage) {
+    pub(crate) async fn reached(&mut self, stage: Stage) {
         // An Err means the trigger is gone, i.e. the worker is exiting: treat as reached.
         let _ = self.rx.wait_for(|s| *s >= stage).await;
     }

@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tracing::{error, info, warn};
 
-use crate::config::{AcceptStrategy, Config, ServeArgs};
+use crate::config::{AcceptStrategy, Config, ServeArgs, SettingsCheck};
 use crate::control::{self, Reply, Request};
 use crate::exit;
 use crate::ipc::{self, ToMaster, ToWorker, WorkerSetup};
@@ -93,6 +93,10 @@ enum Phase {
 
 pub struct Master {
     args: ServeArgs,
+    /// The command line workers are started with (see [`SpawnRequest::argv`]).
+    argv: Vec<std::ffi::OsString>,
+    /// Checks the `[service]` table on every reload.
+    check: SettingsCheck,
     config: Config,
     cpus: Vec<usize>,
     listeners: Vec<Listener>,
@@ -125,6 +129,7 @@ impl Master {
         cpus: Vec<usize>,
         listeners: Vec<Listener>,
         notifier: Notifier,
+        check: SettingsCheck,
     ) -> Result<Master, exit::Fatal> {
         let exe = Executable::current()
             .map_err(|e| exit::Fatal::os(format!("cannot open own executable: {e}")))?;
@@ -141,6 +146,8 @@ impl Master {
         Ok(Master {
             budget: RestartBudget::new(config.restart_limit, config.restart_window),
             args,
+            argv: std::env::args_os().collect(),
+            check,
             config,
             cpus,
             listeners,
@@ -314,17 +321,25 @@ impl Master {
                     w.retire = Some(Retire::Recycle(format!("served {requests} requests")));
                 }
             }
-            ToMaster::Leaving { reason } => {
-                warn!(
-                    slot = w.slot,
-                    pid, "worker is leaving: {reason}; starting its replacement"
-                );
-                w.retire = Some(Retire::Leaving(reason));
+            ToMaster::Leaving { reason, planned } => {
+                if planned {
+                    info!(
+                        slot = w.slot,
+                        pid, "worker is leaving: {reason}; starting its replacement"
+                    );
+                    w.retire = Some(Retire::Recycle(reason));
+                } else {
+                    warn!(
+                        slot = w.slot,
+                        pid, "worker is leaving: {reason}; starting its replacement"
+                    );
+                    w.retire = Some(Retire::Leaving(reason));
+                }
                 w.state = WorkerState::Draining {
                     deadline: now + drain_timeout + Duration::from_secs(1),
                 };
                 let (slot, generation) = (w.slot, w.generation);
-                if generation == self.pool.generation && !self.budget.record(now) {
+                if !planned && generation == self.pool.generation && !self.budget.record(now) {
                     self.give_up(format!("worker {slot} left after a panic"));
                 }
             }
@@ -616,10 +631,8 @@ impl Master {
             exe,
             listeners: &self.listeners,
             board: self.board.fd().as_raw_fd(),
-            board_index,
-            slot,
-            generation,
             cpu,
+            argv: &self.argv,
         });
         let spawned = match spawned {
             Ok(s) => s,
@@ -629,21 +642,27 @@ impl Master {
             }
         };
         let pid = spawned.pid;
-        let setup = WorkerSetup {
-            log_level: config.log_level.clone(),
-            http: config.http.clone(),
-            service: config.service.clone(),
-            chaos: config.chaos,
-            accept: config.accept,
-            drain_timeout_ms: config.drain_timeout.as_millis() as u64,
-            crash_on_boot: config.chaos_boot_crash,
-        };
         let request_limit = if config.max_requests > 0 {
             config
                 .max_requests
                 .saturating_add(fastrand::u64(0..=config.max_requests_jitter))
         } else {
             0
+        };
+        let setup = WorkerSetup {
+            slot,
+            generation,
+            cpu,
+            listeners: self.listeners.iter().map(|l| l.name.clone()).collect(),
+            board_index,
+            log_level: config.log_level.clone(),
+            http: config.http.clone(),
+            service: config.service.clone(),
+            max_requests: request_limit,
+            chaos: config.chaos,
+            accept: config.accept,
+            drain_timeout_ms: config.drain_timeout.as_millis() as u64,
+            crash_on_boot: config.chaos_boot_crash,
         };
         let tx = self.attach_channel(pid, spawned.channel)?;
         let handoff = Arc::new(spawned.handoff);
@@ -748,4 +767,55 @@ fn resize_slots(pool: &mut Pool, n: usize, cpus: &[usize], now: Instant) {
             next_start: now,
         });
     }
+}
+
+/// Which sockets the program has handlers for (names only: the master never builds them).
+pub struct Handlers {
+    pub named: Vec<String>,
+    pub default: bool,
+}
+
+/// The master role: configuration, sockets, then the loop until the pool stops.
+pub fn serve(
+    args: ServeArgs,
+    check: SettingsCheck,
+    handlers: Handlers,
+) -> Result<i32, exit::Fatal> {
+    let cpus = spawn::allowed_cpus();
+    let config = Config::load(&args, cpus.len(), check)?;
+    crate::logging::init(&config.log_level, crate::logging::Identity::Master);
+    // Both read and scrub the environment, so they run before any thread exists.
+    let (listeners, activated) = crate::listen::take_or_bind(config.bind)?;
+    for (i, l) in listeners.iter().enumerate() {
+        if !handlers.default && !handlers.named.contains(&l.name) {
+            return Err(exit::Fatal::config(format!(
+                "listening socket {i} ({}, name {:?}) has no handler: the program registers {}",
+                l.description,
+                l.name,
+                if handlers.named.is_empty() {
+                    "none".to_string()
+                } else {
+                    handlers.named.join(", ")
+                }
+            )));
+        }
+    }
+    let notifier = Notifier::from_env();
+    info!(
+        "master {} starting {} worker(s) on CPUs {:?}; {}",
+        std::process::id(),
+        config.workers,
+        cpus,
+        if activated {
+            "sockets from systemd"
+        } else {
+            "socket bound by hand"
+        }
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| exit::Fatal::os(format!("cannot build runtime: {e}")))?;
+    let master = Master::new(args, config, cpus, listeners, notifier, check)?;
+    Ok(rt.block_on(master.run()))
 }

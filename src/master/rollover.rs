@@ -51,7 +51,7 @@ impl Master {
         self.last_generation += 1;
         let next = self.last_generation;
         info!("reload: starting generation {next}");
-        let config = match Config::load(&self.args, self.cpus.len()) {
+        let config = match Config::load(&self.args, self.cpus.len(), self.check) {
             Ok(c) => c,
             Err(e) => return self.finish_failed(waiters, now, next, e.message),
         };

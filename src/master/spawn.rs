@@ -76,13 +76,19 @@ pub struct Spawned {
 pub struct SpawnRequest<'a> {
     pub exe: &'a Executable,
     pub listeners: &'a [Listener],
-    /// The load board's memfd, and this worker's entry on it.
+    /// The load board's memfd.
     pub board: RawFd,
-    pub board_index: usize,
-    pub slot: usize,
-    pub generation: u64,
     pub cpu: usize,
+    /// The master's own command line: the worker runs the same one, so that a program with
+    /// its own command-line interface reaches the library's entry point unchanged, where
+    /// [`WORKER_ENV`] turns it into a worker.
+    pub argv: &'a [std::ffi::OsString],
 }
+
+/// Marks a process as a worker, and names the descriptor of its IPC channel. The worker role
+/// is an environment marker rather than an argument, so it never touches the user's command
+/// line.
+pub const WORKER_ENV: &str = "APP_WORKER_FD";
 
 /// Environment a worker must not inherit: it would make it think it is the one systemd
 /// talks to.
@@ -131,13 +137,10 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
     let master_pid = std::process::id() as i32;
 
     let mut cmd = Command::new(req.exe.proc_path());
-    cmd.arg0("app")
-        .arg("worker")
-        .args(["--slot", &req.slot.to_string()])
-        .args(["--generation", &req.generation.to_string()])
-        .args(["--cpu", &req.cpu.to_string()])
-        .args(["--listeners", &req.listeners.len().to_string()])
-        .args(["--board-index", &req.board_index.to_string()])
+    let mut argv = req.argv.iter();
+    cmd.arg0(argv.next().map(|a| a.as_os_str()).unwrap_or("app".as_ref()))
+        .args(argv)
+        .env(WORKER_ENV, ipc_fd.to_string())
         .stdin(Stdio::null());
     for k in SCRUBBED_ENV {
         cmd.env_remove(k);

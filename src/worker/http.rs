@@ -1,12 +1,20 @@
-//! The worker's HTTP server setup around the user's [`Service`]: accepting, limits,
-//! `X-Worker`, panics turned into 500s, and graceful drain of each connection.
+//! The worker's server around the user's services: accepting, HTTP/1.1 and HTTP/2 on one
+//! socket, upgrades, limits, `X-Worker`, panics turned into 500s, and graceful drain of
+//! each connection.
 //!
-//! Limits live here, not in the service, so that every service built on the template gets
-//! them: header read timeout (slowloris), header size (431, by hyper), malformed requests
-//! (400, by hyper), body size (413), and a cap on concurrent connections per worker above
-//! which the worker simply stops accepting (the kernel's backlog holds the rest, and other
-//! workers take them) instead of failing them.
+//! Limits live here, not in the service, so that every service gets them: header read
+//! timeout (slowloris), header size and count (431, by hyper), malformed requests (400, by
+//! hyper), body size, time and memory ([`super::body`]), a send timeout for peers that stop
+//! reading, and a cap on concurrent connections per worker above which the worker simply
+//! stops accepting (the kernel's backlog holds the rest, and other workers take them)
+//! instead of failing them.
+//!
+//! Connections are served by hyper-util's `auto` builder on a `LocalExec` (tasks spawned
+//! with `spawn_local`), hyper's pattern for single-threaded servers: that is what lets a
+//! service and its futures be `!Send`.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -17,25 +25,26 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http_body_util::{Full, Limited};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, RETRY_AFTER};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONNECTION, CONTENT_LENGTH, HeaderValue};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use hyper_util::server::conn::auto;
 use tokio::sync::Semaphore;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
-use super::Stats;
+use super::body::RequestBody;
 use super::chaos;
+use super::raw::Connection;
+use super::routes::{BoxHttp, Handler, ResponseBody, Routes};
+use super::stats::{BodyBudget, ConnGuard, Stats};
 use super::timeouts::{ConnClock, Expired, Watched};
 use crate::config::HttpLimits;
 use crate::handoff::{self, Received};
 use crate::ipc::WorkerSetup;
 use crate::listen::{AsyncListener, LISTEN_FDS_START, Stream, check_listening_stream};
-use crate::service::Service;
 use crate::shutdown::{Shutdown, Stage};
 
 /// How long a busier-than-its-peers worker waits before accepting (shared strategy): about
@@ -43,12 +52,13 @@ use crate::shutdown::{Shutdown, Stage};
 const ACCEPT_YIELD: Duration = Duration::from_micros(50);
 
 /// Wraps the inherited descriptors 3.. as tokio listeners.
-pub fn take_listeners(n: usize) -> Result<Vec<AsyncListener>, String> {
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
+pub fn take_listeners(names: &[String]) -> Result<Vec<AsyncListener>, String> {
+    let mut out = Vec::with_capacity(names.len());
+    for i in 0..names.len() {
         let fd = LISTEN_FDS_START + i as RawFd;
         check_listening_stream(fd).map_err(|e| format!("inherited fd {fd} {e}"))?;
-        // SAFETY: the master placed this listening socket here for us; nothing else owns it.
+        // SAFETY: checked above to be an open listening socket, placed here by the master
+        // for this process; nothing else in the process owns it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         let l = AsyncListener::from_fd(owned).map_err(|e| format!("inherited fd {fd}: {e}"))?;
         out.push(l);
@@ -56,97 +66,224 @@ pub fn take_listeners(n: usize) -> Result<Vec<AsyncListener>, String> {
     Ok(out)
 }
 
+/// Runs hyper's connection tasks (HTTP/2 streams) on this thread, so they may be `!Send`.
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: std::future::Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
 pub struct Server {
-    service: Service,
+    handlers: Vec<Handler>,
+    /// Local address of each listening socket, to route handed-over connections.
+    addresses: Vec<String>,
     limits: HttpLimits,
-    chaos: bool,
     worker_header: HeaderValue,
     stats: Rc<Stats>,
-    shutdown: Shutdown,
+    budget: Arc<BodyBudget>,
+    builder: auto::Builder<LocalExec>,
+    /// Connection error kinds already logged at info (each is logged once, then at debug).
+    logged_errors: RefCell<BTreeSet<&'static str>>,
 }
 
 impl Server {
-    pub fn new(setup: &WorkerSetup, slot: usize, stats: Rc<Stats>, shutdown: Shutdown) -> Server {
-        Server {
-            service: Service::new(setup.service.clone(), slot),
-            limits: setup.http.clone(),
-            chaos: setup.chaos,
-            worker_header: HeaderValue::from(slot),
-            stats,
-            shutdown,
+    pub fn new(
+        setup: &WorkerSetup,
+        routes: Routes,
+        stats: Rc<Stats>,
+        _shutdown: Shutdown,
+    ) -> Result<Server, String> {
+        let mut handlers = routes.resolve(&setup.listeners)?;
+        if setup.chaos {
+            for h in &mut handlers {
+                if let Handler::Http(svc) = h {
+                    *svc = chaos::wrap(svc.clone());
+                }
+            }
         }
+        let limits = setup.http.clone();
+        let mut builder = auto::Builder::new(LocalExec);
+        builder
+            .http1()
+            .header_read_timeout(None)
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .max_headers(limits.max_headers)
+            .keep_alive(true);
+        builder
+            .http2()
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(256);
+        Ok(Server {
+            handlers,
+            addresses: (0..setup.listeners.len())
+                .map(|i| crate::listen::describe(LISTEN_FDS_START + i as RawFd))
+                .collect(),
+            budget: BodyBudget::new(limits.max_pending_body_bytes),
+            limits,
+            worker_header: HeaderValue::from(setup.slot),
+            stats,
+            builder,
+            logged_errors: RefCell::new(BTreeSet::new()),
+        })
     }
 
     /// One request: limits, the service (or a chaos route), panic containment, headers.
     async fn handle(
         self: Rc<Self>,
+        svc: BoxHttp,
         req: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, Infallible> {
-        self.stats.requests.set(self.stats.requests.get() + 1);
-        let too_large = req
+        draining: bool,
+    ) -> Response<ResponseBody> {
+        self.stats.request_started();
+        let version = req.version();
+        let declared = req
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n > self.limits.max_body_bytes);
-        let mut resp = if too_large {
-            let mut r = plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
-            // The unread body would otherwise be parsed as the next request.
-            r.headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-            r
+            .and_then(|v| v.parse::<u64>().ok());
+        let mut resp = if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
+            closing(plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large\n",
+            ))
         } else {
-            let req = req.map(|b| Limited::new(b, self.limits.max_body_bytes as usize));
-            let fut = async {
-                if self.chaos && req.uri().path().starts_with("/chaos/") {
-                    chaos::handle(req).await
-                } else {
-                    self.service.call(req).await
-                }
-            };
-            match AssertUnwindSafe(fut).catch_unwind().await {
-                Ok(r) => r,
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    error!(
-                        "request handler panicked: {what}; this worker will drain and be replaced"
-                    );
-                    self.stats
-                        .leave(format!("request handler panicked: {what}"));
-                    let mut r = plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
+            let (parts, body) = req.into_parts();
+            match RequestBody::new(
+                body,
+                &self.limits,
+                self.budget.clone(),
+                declared.unwrap_or(0),
+            ) {
+                Err(_) => {
+                    let mut r = closing(plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many request bodies in flight\n",
+                    ));
                     r.headers_mut()
-                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
                     r
                 }
+                Ok(body) => self.call(svc, Request::from_parts(parts, body)).await,
             }
         };
         resp.headers_mut()
             .insert("x-worker", self.worker_header.clone());
-        if self.shutdown.is_draining() {
+        if draining && version < Version::HTTP_2 {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        Ok(resp)
+        resp
+    }
+
+    async fn call(&self, svc: BoxHttp, req: Request<RequestBody>) -> Response<ResponseBody> {
+        match AssertUnwindSafe(svc(req)).catch_unwind().await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                warn!("the service returned an error: {e}");
+                closing(plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal server error\n",
+                ))
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                error!("request handler panicked: {what}; this worker will drain and be replaced");
+                self.stats
+                    .leave(format!("request handler panicked: {what}"), false);
+                closing(plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal server error\n",
+                ))
+            }
+        }
+    }
+
+    /// Logs a connection-level error (garbage, a protocol the client got wrong) once per
+    /// kind at info, then at debug: visible without flooding the journal.
+    fn log_conn_error(&self, e: &(dyn std::error::Error + 'static)) {
+        let kind = classify(e);
+        if self.logged_errors.borrow_mut().insert(kind) {
+            info!("connection error ({kind}): {e}; further {kind} errors are logged at debug");
+        } else {
+            debug!("connection error ({kind}): {e}");
+        }
+    }
+
+    fn route_handed_over(&self, conn: &Stream) -> usize {
+        if self.handlers.len() < 2 {
+            return 0;
+        }
+        let local = conn.local_description();
+        self.addresses.iter().position(|a| *a == local).unwrap_or(0)
     }
 }
 
-fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn classify(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return if h.is_parse_too_large() {
+                "request head too large"
+            } else if h.is_parse() || h.is_parse_version_h2() {
+                "malformed request"
+            } else if h.is_incomplete_message() {
+                "incomplete request"
+            } else if h.is_timeout() {
+                "timeout"
+            } else if h.is_user() {
+                "service"
+            } else {
+                "protocol"
+            };
+        }
+        if err.downcast_ref::<io::Error>().is_some() {
+            return "i/o";
+        }
+        cur = err.source();
+    }
+    "other"
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
+    let mut r = Response::new(super::routes::boxed(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
     *r.status_mut() = status;
     r
 }
 
-/// Accepts until the drain starts. Above `max_connections` it waits for a free place
-/// instead of accepting; on descriptor exhaustion it backs off instead of spinning.
-pub async fn accept_loop(listener: AsyncListener, server: Rc<Server>, mut shutdown: Shutdown) {
+fn closing(mut r: Response<ResponseBody>) -> Response<ResponseBody> {
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// Accepts until the drain starts (or the worker is leaving). Above `max_connections` it
+/// waits for a free place instead of accepting; on descriptor exhaustion it backs off
+/// instead of spinning.
+pub async fn accept_loop(
+    listener: AsyncListener,
+    index: usize,
+    server: Rc<Server>,
+    mut shutdown: Shutdown,
+) {
     let permits = Arc::new(Semaphore::new(server.limits.max_connections));
     let mut backoff = Duration::ZERO;
     let mut capped_logged = false;
     loop {
+        if !server.stats.accepting() {
+            return;
+        }
         if permits.available_permits() == 0 && !capped_logged {
             capped_logged = true;
             warn!(
@@ -180,7 +317,7 @@ pub async fn accept_loop(listener: AsyncListener, server: Rc<Server>, mut shutdo
                 if permits.available_permits() > 0 {
                     capped_logged = false;
                 }
-                spawn_conn(conn, server.clone(), shutdown.clone(), permit);
+                spawn_conn(conn, index, server.clone(), shutdown.clone(), permit);
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 if backoff.is_zero() {
@@ -201,18 +338,25 @@ pub async fn accept_loop(listener: AsyncListener, server: Rc<Server>, mut shutdo
 
 fn spawn_conn(
     conn: Stream,
+    index: usize,
     server: Rc<Server>,
     shutdown: Shutdown,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     // Counted at once, not when the task first runs: during a burst the accept loop takes
     // many connections before any task runs, and the load board must see them.
-    server.stats.connection_opened();
+    let counted = server.stats.connection_opened();
+    let handler = server.handlers[index].clone();
     tokio::task::spawn_local(async move {
         let _permit = permit;
-        match conn {
-            Stream::Tcp(s) => serve_connection(s, server, shutdown).await,
-            Stream::Unix(s) => serve_connection(s, server, shutdown).await,
+        match handler {
+            Handler::Http(svc) => serve_http(conn, svc, server, shutdown, counted).await,
+            Handler::Tcp(h) => {
+                let name = index;
+                if let Err(e) = h(Connection::new(conn, counted, name)).await {
+                    debug!("connection handler ended with an error: {e}");
+                }
+            }
         }
     });
 }
@@ -246,7 +390,10 @@ pub async fn handoff_loop(channel: OwnedFd, server: Rc<Server>, mut shutdown: Sh
         Ok(Received::Conn { id, fd }) => {
             let _ = handoff::ack(raw, id);
             match Stream::from_fd(fd) {
-                Ok(conn) => spawn_conn(conn, server.clone(), for_conns.clone(), permit),
+                Ok(conn) => {
+                    let index = server.route_handed_over(&conn);
+                    spawn_conn(conn, index, server.clone(), for_conns.clone(), permit)
+                }
                 Err(e) => warn!("handed-over connection unusable: {e}"),
             }
             true
@@ -259,6 +406,9 @@ pub async fn handoff_loop(channel: OwnedFd, server: Rc<Server>, mut shutdown: Sh
         }
     };
     loop {
+        if !server.stats.accepting() {
+            break;
+        }
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = shutdown.reached(Stage::Draining) => break,
@@ -284,6 +434,9 @@ pub async fn handoff_loop(channel: OwnedFd, server: Rc<Server>, mut shutdown: Sh
         }
     }
     // The last sweep: served even above max_connections, since nobody else will take them.
+    // A worker leaving at its request limit keeps taking what the master still sends until
+    // the master marks it draining.
+    shutdown.reached(Stage::Draining).await;
     let spare = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
     loop {
         let permit = spare.clone().try_acquire_owned().expect("unbounded");
@@ -294,11 +447,11 @@ pub async fn handoff_loop(channel: OwnedFd, server: Rc<Server>, mut shutdown: Sh
 }
 
 /// Tells the drain that no hand-off is left behind, however the hand-off loop ends.
-struct SweptOnDrop(Rc<super::Stats>);
+struct SweptOnDrop(Rc<Stats>);
 
 impl Drop for SweptOnDrop {
     fn drop(&mut self) {
-        self.0.handoff_swept();
+        self.0.handoff_pending.set(false);
     }
 }
 
@@ -309,59 +462,110 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Serves one connection (counted open by [`spawn_conn`], closed here). Its own clock enforces the head and keep-alive timeouts; when the
-/// drain reaches [`Stage::CloseIdle`], hyper is asked to close it after the request in
-/// flight (or at once when idle).
-async fn serve_connection<IO>(io: IO, server: Rc<Server>, mut shutdown: Shutdown)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + 'static,
-{
-    let stats = server.stats.clone();
-    let limits = server.limits.clone();
-    let clock = ConnClock::new(limits.header_read_timeout, limits.keepalive_timeout);
-    let svc = {
+/// A response body that tells the connection's clock when the response has been sent in
+/// full (or abandoned): the idle clock starts then, not when the handler returned.
+struct Tracked {
+    inner: ResponseBody,
+    clock: Arc<ConnClock>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = crate::server::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.clock.request_finished();
+    }
+}
+
+/// Serves one HTTP connection (counted open by [`spawn_conn`] until `counted` drops, which
+/// happens here or, for an upgraded connection, when the user's task lets go of it). Its
+/// own clock enforces the head, keep-alive and send timeouts; the drain asks an HTTP/2
+/// connection to go away (GOAWAY) at once, and an HTTP/1 connection to close after its
+/// request in flight when the drain reaches [`Stage::CloseIdle`] (until then its responses
+/// carry `Connection: close`).
+async fn serve_http(
+    io: Stream,
+    svc: BoxHttp,
+    server: Rc<Server>,
+    mut shutdown: Shutdown,
+    counted: ConnGuard,
+) {
+    let limits = &server.limits;
+    let clock = ConnClock::new(
+        limits.header_read_timeout,
+        limits.keepalive_timeout,
+        limits.send_timeout,
+    );
+    let service = {
         let clock = clock.clone();
+        let server = server.clone();
+        let shutdown = shutdown.clone();
         service_fn(move |req| {
-            let server = server.clone();
+            clock.request_started();
+            let fut = server
+                .clone()
+                .handle(svc.clone(), req, shutdown.is_draining());
             let clock = clock.clone();
             async move {
-                clock.request_started();
-                let r = server.handle(req).await;
-                clock.request_finished();
-                r
+                let resp = fut.await;
+                Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, clock }))
             }
         })
     };
-    let mut builder = http1::Builder::new();
-    builder
-        .header_read_timeout(None)
-        .max_header_size(limits.max_header_bytes)
-        .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(Watched::new(io, clock.clone())), svc);
+    let conn = server.builder.serve_connection_with_upgrades(
+        TokioIo::new(Watched::new(io, clock.clone(), counted)),
+        service,
+    );
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
     let result = loop {
+        let stage = if clock.is_h2() {
+            Stage::Draining
+        } else {
+            Stage::CloseIdle
+        };
         tokio::select! {
             r = conn.as_mut() => break r,
-            _ = shutdown.reached(Stage::CloseIdle), if !closing => {
+            _ = shutdown.reached(stage), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep_until(clock.next_check()), if !closing => match clock.expired() {
-                Some(Expired::Head) => {
+            _ = tokio::time::sleep_until(clock.next_check()) => match clock.expired() {
+                Some(Expired::Head) if !clock.is_h2() => {
                     debug!("client sent no complete request head within {:?}: closing", limits.header_read_timeout);
                     break Ok(());
                 }
-                Some(Expired::Idle) => {
+                Some(Expired::Send) => {
+                    debug!("client took no response bytes for {:?}: closing", limits.send_timeout);
+                    break Ok(());
+                }
+                Some(Expired::Head | Expired::Idle) if !closing => {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                None => {}
+                _ => {}
             },
         }
     };
     if let Err(e) = result {
-        debug!("connection ended with an error: {e}");
+        server.log_conn_error(&*e);
     }
-    stats.connection_closed();
 }

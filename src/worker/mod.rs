@@ -1,26 +1,32 @@
-//! A worker process: serves requests and answers its master; knows nothing of supervision.
+//! A worker process: serves connections and answers its master; knows nothing of supervision.
 //!
-//! Started by the master as `app worker --slot N ...` with the listening sockets on fd 3..
-//! and its IPC channel right after them. It waits for its [`WorkerSetup`], builds one
-//! single-threaded tokio runtime (so a handler that blocks the thread also stops heartbeat
-//! answers, which is how the master notices), reports `Ready`, then serves until told to
-//! drain, until SIGTERM, or until a request panics. EOF on the channel means the master is
-//! gone: the worker exits at once rather than hold the port as an orphan (with
-//! `PR_SET_PDEATHSIG` as the first line of that defence).
+//! The master starts it by running the same program with the same command line, plus
+//! [`WORKER_ENV`](crate::master::spawn::WORKER_ENV) naming its IPC channel; the library's
+//! entry point sees the marker and comes here instead of parsing the command line. The
+//! listening sockets are on fd 3.., the IPC channel after them. The worker waits for its
+//! [`WorkerSetup`] (identity, limits, the `[service]` table), builds one single-threaded
+//! tokio runtime (so a handler that blocks the thread also stops heartbeat answers, which is
+//! how the master notices), asks the user's factories for their services, reports `Ready`,
+//! then serves until told to drain, until SIGTERM, until a request panics, or until its
+//! request limit. EOF on the channel means the master is gone: the worker exits at once
+//! rather than hold the port as an orphan (with `PR_SET_PDEATHSIG` as the first line of that
+//! defence).
 
+mod body;
 mod chaos;
 mod http;
+mod raw;
+pub(crate) mod routes;
+mod stats;
 mod timeouts;
 
-use std::cell::Cell;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-use clap::Args;
+use futures_util::future::LocalBoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Notify;
 use tokio_util::codec::Framed;
 use tracing::{error, info, warn};
 
@@ -29,7 +35,12 @@ use crate::ipc::{self, ToMaster, ToWorker, WorkerSetup};
 use crate::listen::LISTEN_FDS_START;
 use crate::loadboard::LoadBoard;
 use crate::logging;
-use crate::shutdown::{self, Stage};
+use crate::shutdown::{self, Shutdown, Stage};
+
+pub use body::{BodyError, RequestBody};
+pub use raw::Connection;
+use routes::Routes;
+use stats::Stats;
 
 /// How long a draining worker keeps idle keep-alive connections open, so that a client
 /// already sending its next request on one gets an answer (with `Connection: close`)
@@ -39,121 +50,42 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// How long a worker waits for its setup message before giving up.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Args)]
-pub struct WorkerArgs {
-    #[arg(long)]
-    pub slot: usize,
-    #[arg(long)]
-    pub generation: u64,
-    #[arg(long)]
-    pub cpu: usize,
-    /// Number of listening sockets at fd 3..; the IPC channel follows them.
-    #[arg(long)]
-    pub listeners: usize,
-    /// This worker's entry on the load board.
-    #[arg(long)]
-    pub board_index: usize,
-}
+/// Builds the worker's routes from its setup: the user's factories, type-erased by
+/// [`crate::Server`], so this module never names the user's types.
+pub(crate) type BuildRoutes =
+    Box<dyn FnOnce(Rc<WorkerSetup>, Shutdown) -> LocalBoxFuture<'static, Result<Routes, String>>>;
 
-/// Figures shared by the connections of this worker (one thread, so plain cells).
-pub struct Stats {
-    pub requests: Cell<u64>,
-    connections: Cell<u64>,
-    board: Option<(LoadBoard, usize)>,
-    /// Round-robin: hand-offs may still be queued for this worker until the hand-off loop
-    /// has made its last sweep.
-    handoff_pending: Cell<bool>,
-    /// Why the worker decided to leave (a panic), once it has.
-    pub leaving: std::cell::RefCell<Option<String>>,
-    pub leave: Notify,
-}
-
-impl Stats {
-    fn new(board: Option<(LoadBoard, usize)>) -> Stats {
-        if let Some((b, i)) = &board {
-            b.publish(*i, 0);
-        }
-        Stats {
-            requests: Cell::new(0),
-            connections: Cell::new(0),
-            board,
-            handoff_pending: Cell::new(false),
-            leaving: Default::default(),
-            leave: Notify::new(),
-        }
-    }
-
-    pub fn handoff_swept(&self) {
-        self.handoff_pending.set(false);
-    }
-
-    pub fn connections(&self) -> u64 {
-        self.connections.get()
-    }
-
-    pub fn connection_opened(&self) {
-        self.set_connections(self.connections.get() + 1);
-    }
-
-    pub fn connection_closed(&self) {
-        self.set_connections(self.connections.get().saturating_sub(1));
-    }
-
-    fn set_connections(&self, n: u64) {
-        self.connections.set(n);
-        if let Some((b, i)) = &self.board {
-            b.publish(*i, n);
-        }
-    }
-
-    /// True when this worker holds clearly more connections than the least busy peer, so
-    /// it should let that peer win the next accept (see [`crate::loadboard`]).
-    pub fn should_yield_accept(&self) -> bool {
-        let Some((b, i)) = &self.board else {
-            return false;
-        };
-        let mine = self.connections.get();
-        b.least_other(*i)
-            .is_some_and(|least| mine > least + 2 + least / 8)
-    }
-
-    pub fn leave(&self, reason: String) {
-        let mut l = self.leaving.borrow_mut();
-        if l.is_none() {
-            *l = Some(reason);
-            self.leave.notify_one();
-        }
-    }
-}
-
-pub fn run(args: WorkerArgs) -> i32 {
-    set_process_name(args.slot);
+/// The worker role: `ipc_fd` is the descriptor named by the environment marker.
+pub(crate) fn run(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("worker {}: cannot build runtime: {e}", args.slot);
+            eprintln!("worker: cannot build runtime: {e}");
             return crate::exit::OSERR;
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, serve(args))
+    local.block_on(&rt, serve(ipc_fd, build))
 }
 
 fn set_process_name(slot: usize) {
-    // Workers are exec'd through /proc/self/fd/N, which would make `ps` show "N".
-    let name = format!("app-worker-{slot}");
-    if let Ok(c) = std::ffi::CString::new(name) {
-        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-        unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) };
-    }
+    // Workers run the master's command line, which would make `top` show the same name
+    // for every process.
+    let _ = nix::sys::prctl::set_name(
+        &std::ffi::CString::new(format!("app-worker-{slot}")).unwrap_or_default(),
+    );
 }
 
-async fn serve(args: WorkerArgs) -> i32 {
-    let ipc_fd = LISTEN_FDS_START + args.listeners as RawFd;
-    // SAFETY: the master placed our end of the channel at this descriptor for us.
+async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
+    if ipc_fd < LISTEN_FDS_START || crate::listen::check_socket_pair_end(ipc_fd).is_err() {
+        eprintln!("worker: fd {ipc_fd} is not an IPC channel from a master");
+        return crate::exit::SOFTWARE;
+    }
+    // SAFETY: checked above to be an open Unix stream socket, which the master placed here
+    // for this process alone; nothing else in the process owns it.
     let channel = std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(ipc_fd) });
     if channel.set_nonblocking(true).is_err() {
         return crate::exit::OSERR;
@@ -167,22 +99,24 @@ async fn serve(args: WorkerArgs) -> i32 {
         Ok(Some(Ok(frame))) => match ipc::decode::<ToWorker>(&frame) {
             Ok(ToWorker::Setup(s)) => *s,
             _ => {
-                eprintln!("worker {}: first IPC message was not the setup", args.slot);
+                eprintln!("worker: first IPC message was not the setup");
                 return crate::exit::SOFTWARE;
             }
         },
         _ => {
-            eprintln!("worker {}: no setup from the master", args.slot);
+            eprintln!("worker: no setup from the master");
             return crate::exit::SOFTWARE;
         }
     };
+    let setup = Rc::new(setup);
+    set_process_name(setup.slot);
     logging::init(
         &setup.log_level,
         logging::Identity::Worker {
-            id: args.slot,
+            id: setup.slot,
             pid: std::process::id(),
-            cpu: args.cpu,
-            generation: args.generation,
+            cpu: setup.cpu,
+            generation: setup.generation,
         },
     );
     std::panic::set_hook(Box::new(|info| error!("panic: {info}")));
@@ -190,34 +124,60 @@ async fn serve(args: WorkerArgs) -> i32 {
         error!("crashing while booting, as asked (--chaos-boot-crash)");
         return 3;
     }
+    if ipc_fd != LISTEN_FDS_START + setup.listeners.len() as RawFd {
+        error!(
+            "IPC channel at fd {ipc_fd} but {} listening socket(s) announced",
+            setup.listeners.len()
+        );
+        return crate::exit::SOFTWARE;
+    }
 
-    let listeners = match http::take_listeners(args.listeners) {
+    let listeners = match http::take_listeners(&setup.listeners) {
         Ok(l) => l,
         Err(e) => {
             error!("{e}");
             return crate::exit::OSERR;
         }
     };
-    // SAFETY: the master placed the load board's memfd right after the hand-off channel.
-    let board = LoadBoard::map(unsafe { OwnedFd::from_raw_fd(ipc_fd + 2) })
-        .map_err(|e| warn!("load board unavailable ({e}): accepting without balancing"))
-        .ok()
-        .map(|b| (b, args.board_index));
-    let stats = Rc::new(Stats::new(board));
+    let board = match LoadBoard::adopt(ipc_fd + 2) {
+        Ok(b) => Some((b, setup.board_index)),
+        Err(e) => {
+            warn!("load board unavailable ({e}): accepting without balancing");
+            None
+        }
+    };
+    let stats = Rc::new(Stats::new(board, setup.max_requests));
     let (trigger, shutdown) = shutdown::channel();
-    let server = Rc::new(http::Server::new(
-        &setup,
-        args.slot,
-        stats.clone(),
-        shutdown.clone(),
-    ));
-    // SAFETY: the master placed our end of the hand-off channel right after the IPC channel.
+    let routes = match build(setup.clone(), shutdown.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            error!("the service could not be built: {e}");
+            return crate::exit::SOFTWARE;
+        }
+    };
+    let server = match http::Server::new(&setup, routes, stats.clone(), shutdown.clone()) {
+        Ok(s) => Rc::new(s),
+        Err(e) => {
+            error!("{e}");
+            return crate::exit::CONFIG;
+        }
+    };
+    if crate::listen::check_socket_pair_end(ipc_fd + 1).is_err() {
+        error!("fd {} is not the connection hand-off channel", ipc_fd + 1);
+        return crate::exit::SOFTWARE;
+    }
+    // SAFETY: checked above to be a socket, placed here by the master for this process.
     let handoff = unsafe { OwnedFd::from_raw_fd(ipc_fd + 1) };
     match setup.accept {
         AcceptStrategy::Shared => {
             drop(handoff);
-            for l in listeners {
-                tokio::task::spawn_local(http::accept_loop(l, server.clone(), shutdown.clone()));
+            for (index, l) in listeners.into_iter().enumerate() {
+                tokio::task::spawn_local(http::accept_loop(
+                    l,
+                    index,
+                    server.clone(),
+                    shutdown.clone(),
+                ));
             }
         }
         AcceptStrategy::RoundRobin => {
@@ -243,12 +203,7 @@ async fn serve(args: WorkerArgs) -> i32 {
         tokio::select! {
             frame = from_master.next() => match frame.map(|f| f.map_err(|e| e.to_string()).and_then(|f| ipc::decode::<ToWorker>(&f))) {
                 Some(Ok(ToWorker::Ping { seq })) => {
-                    let pong = ToMaster::Pong {
-                        seq,
-                        requests: stats.requests.get(),
-                        connections: stats.connections(),
-                    };
-                    if to_master.send(ipc::encode(&pong)).await.is_err() {
+                    if to_master.send(ipc::encode(&stats.pong(seq))).await.is_err() {
                         return crate::exit::OK;
                     }
                 }
@@ -268,25 +223,35 @@ async fn serve(args: WorkerArgs) -> i32 {
                 break setup.drain_timeout();
             }
             _ = stats.leave.notified() => {
-                let reason = stats.leaving.borrow().clone().unwrap_or_default();
-                let _ = to_master.send(ipc::encode(&ToMaster::Leaving { reason })).await;
+                let (reason, planned) = stats.leaving.borrow().clone().unwrap_or_default();
+                let _ = to_master.send(ipc::encode(&ToMaster::Leaving { reason, planned })).await;
                 break setup.drain_timeout();
             }
         }
     };
-    drain(trigger, &stats, drain_timeout, &mut from_master).await
+    drain(
+        trigger,
+        &stats,
+        drain_timeout,
+        &mut to_master,
+        &mut from_master,
+    )
+    .await
 }
 
 /// Stops accepting, lets in-flight requests finish within `timeout`, then returns the exit
-/// code. Keeps watching the channel so a dead master still ends the worker promptly.
-async fn drain<S>(
+/// code. Keeps answering heartbeats, so the master can tell a draining worker that is alive
+/// from one that hangs, and watches the channel so a dead master still ends the worker.
+async fn drain<W, R>(
     trigger: shutdown::Trigger,
     stats: &Stats,
     timeout: Duration,
-    from_master: &mut S,
+    to_master: &mut W,
+    from_master: &mut R,
 ) -> i32
 where
-    S: futures_util::Stream + Unpin,
+    W: futures_util::Sink<bytes::Bytes> + Unpin,
+    R: futures_util::Stream<Item = Result<bytes::BytesMut, std::io::Error>> + Unpin,
 {
     let start = tokio::time::Instant::now();
     trigger.advance(Stage::Draining);
@@ -300,6 +265,8 @@ where
     loop {
         if stats.connections() == 0 && !stats.handoff_pending.get() {
             info!("drained in {} ms", start.elapsed().as_millis());
+            // The final counts, so the pool's totals include every request this worker served.
+            let _ = to_master.send(ipc::encode(&stats.pong(0))).await;
             return crate::exit::OK;
         }
         let now = tokio::time::Instant::now();
@@ -311,16 +278,21 @@ where
                 "drain timeout: exiting with {} connection(s) still open",
                 stats.connections()
             );
+            let _ = to_master.send(ipc::encode(&stats.pong(0))).await;
             return crate::exit::OK;
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-            frame = from_master.next() => {
-                if frame.is_none() {
+            frame = from_master.next() => match frame.map(|f| f.map_err(|e| e.to_string()).and_then(|f| ipc::decode::<ToWorker>(&f))) {
+                None => {
                     warn!("master gone while draining: exiting");
                     return crate::exit::OK;
                 }
-            }
+                Some(Ok(ToWorker::Ping { seq })) => {
+                    let _ = to_master.send(ipc::encode(&stats.pong(seq))).await;
+                }
+                _ => {}
+            },
         }
     }
 }

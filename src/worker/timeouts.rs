@@ -1,21 +1,31 @@
-//! Per-connection clocks: how long a client may take to send a request head, and how long a
-//! keep-alive connection may sit idle between requests.
+//! Per-connection clocks: how long a client may take to send a request head, how long a
+//! keep-alive connection may sit idle between requests, and how long a peer may refuse to
+//! take the bytes of its responses.
 //!
 //! hyper's own `header_read_timeout` starts when the server begins waiting for a head, so
 //! on a keep-alive connection it also caps the idle time between requests: one number for
 //! two jobs (a slowloris guard wants seconds, a keep-alive pool wants a minute). Here the two
 //! are separate: [`Watched`] sees the first byte of each request arrive, the service
 //! wrapper marks requests in flight, and the connection's loop asks [`ConnClock::expired`].
+//! hyper has no write timeout at all: [`Watched`] also notes when a write could not proceed
+//! (the peer's window is full) and since when, so a client that stops reading is cut after
+//! `http.send_timeout` instead of holding its buffered responses forever.
+//!
+//! The clock is shared with the I/O object, which hyper moves into an upgraded connection and
+//! requires to be `Send`, so its fields are atomics (one thread: relaxed, uncontended).
 
-use std::cell::Cell;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
+
+use super::stats::ConnGuard;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expired {
@@ -23,71 +33,145 @@ pub enum Expired {
     Head,
     /// Idle between requests for too long: close it gracefully.
     Idle,
+    /// The peer took no response bytes for `send_timeout`: drop the connection.
+    Send,
+}
+
+/// An instant stored in an atomic: nanoseconds after `base`, plus one (0 is "not set").
+struct AtomicInstant(AtomicU64);
+
+impl AtomicInstant {
+    fn unset() -> Self {
+        AtomicInstant(AtomicU64::new(0))
+    }
+
+    fn set(&self, base: Instant, at: Option<Instant>) {
+        let v = at.map_or(0, |t| t.duration_since(base).as_nanos() as u64 + 1);
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    fn get(&self, base: Instant) -> Option<Instant> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(base + Duration::from_nanos(v - 1)),
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed) != 0
+    }
 }
 
 pub struct ConnClock {
+    base: Instant,
     head_timeout: Duration,
     idle_timeout: Duration,
+    send_timeout: Duration,
     /// Waiting for a request head since then (from accept, or from its first byte).
-    head_since: Cell<Option<Instant>>,
+    head_since: AtomicInstant,
     /// Idle between requests since then.
-    idle_since: Cell<Option<Instant>>,
-    in_flight: Cell<u32>,
+    idle_since: AtomicInstant,
+    /// A write has been refused (the peer's window is full) since then.
+    blocked_since: AtomicInstant,
+    in_flight: AtomicU32,
+    /// The first bytes were the HTTP/2 connection preface.
+    h2: AtomicBool,
+    sniffed: AtomicBool,
 }
 
 impl ConnClock {
-    pub fn new(head_timeout: Duration, idle_timeout: Duration) -> Rc<ConnClock> {
-        Rc::new(ConnClock {
-            head_timeout,
-            idle_timeout,
-            head_since: Cell::new(Some(Instant::now())),
-            idle_since: Cell::new(None),
-            in_flight: Cell::new(0),
-        })
+    pub fn new(head: Duration, idle: Duration, send: Duration) -> Arc<ConnClock> {
+        let base = Instant::now();
+        let c = ConnClock {
+            base,
+            head_timeout: head,
+            idle_timeout: idle,
+            send_timeout: send,
+            head_since: AtomicInstant::unset(),
+            idle_since: AtomicInstant::unset(),
+            blocked_since: AtomicInstant::unset(),
+            in_flight: AtomicU32::new(0),
+            h2: AtomicBool::new(false),
+            sniffed: AtomicBool::new(false),
+        };
+        c.head_since.set(base, Some(base));
+        Arc::new(c)
     }
 
-    fn on_bytes_read(&self) {
-        if self.in_flight.get() == 0 && self.head_since.get().is_none() {
-            self.head_since.set(Some(Instant::now()));
-            self.idle_since.set(None);
+    /// True when the client spoke HTTP/2 (prior knowledge).
+    pub fn is_h2(&self) -> bool {
+        self.h2.load(Ordering::Relaxed)
+    }
+
+    fn on_bytes_read(&self, first: &[u8]) {
+        if !self.sniffed.swap(true, Ordering::Relaxed) {
+            self.h2
+                .store(first.starts_with(b"PRI * HTTP/2.0"), Ordering::Relaxed);
+        }
+        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.head_since.is_set() {
+            self.head_since.set(self.base, Some(Instant::now()));
+            self.idle_since.set(self.base, None);
+        }
+    }
+
+    fn on_write(&self, blocked: bool) {
+        if blocked {
+            if !self.blocked_since.is_set() {
+                self.blocked_since.set(self.base, Some(Instant::now()));
+            }
+        } else if self.blocked_since.is_set() {
+            self.blocked_since.set(self.base, None);
         }
     }
 
     pub fn request_started(&self) {
-        self.in_flight.set(self.in_flight.get() + 1);
-        self.head_since.set(None);
-        self.idle_since.set(None);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_since.set(self.base, None);
+        self.idle_since.set(self.base, None);
     }
 
+    /// Called when a response has been sent in full (its body dropped).
     pub fn request_finished(&self) {
-        let n = self.in_flight.get().saturating_sub(1);
-        self.in_flight.set(n);
+        let n = self.in_flight.load(Ordering::Relaxed).saturating_sub(1);
+        self.in_flight.store(n, Ordering::Relaxed);
         if n == 0 {
-            self.idle_since.set(Some(Instant::now()));
+            self.idle_since.set(self.base, Some(Instant::now()));
         }
     }
 
-    /// When to look again: the running deadline, or at the latest one short period from now
-    /// (a request may finish meanwhile and start the idle clock).
+    /// When to look again: the earliest running deadline, or at the latest one short period
+    /// from now (a request may finish meanwhile and start the idle clock).
     pub fn next_check(&self) -> Instant {
         let now = Instant::now();
-        let period = self.head_timeout.min(self.idle_timeout);
-        let deadline = match (self.head_since.get(), self.idle_since.get()) {
-            (Some(h), _) => h + self.head_timeout,
-            (None, Some(i)) => i + self.idle_timeout,
-            (None, None) => now + period,
-        };
-        deadline.min(now + period)
+        let period = self
+            .head_timeout
+            .min(self.idle_timeout)
+            .min(self.send_timeout);
+        let mut next = now + period;
+        if let Some(h) = self.head_since.get(self.base) {
+            next = next.min(h + self.head_timeout);
+        } else if let Some(i) = self.idle_since.get(self.base) {
+            next = next.min(i + self.idle_timeout);
+        }
+        if let Some(b) = self.blocked_since.get(self.base) {
+            next = next.min(b + self.send_timeout);
+        }
+        next
     }
 
     pub fn expired(&self) -> Option<Expired> {
         let now = Instant::now();
-        if let Some(h) = self.head_since.get()
+        if let Some(b) = self.blocked_since.get(self.base)
+            && now >= b + self.send_timeout
+        {
+            return Some(Expired::Send);
+        }
+        if let Some(h) = self.head_since.get(self.base)
             && now >= h + self.head_timeout
         {
             return Some(Expired::Head);
         }
-        if let Some(i) = self.idle_since.get()
+        if let Some(i) = self.idle_since.get(self.base)
             && now >= i + self.idle_timeout
         {
             return Some(Expired::Idle);
@@ -96,15 +180,31 @@ impl ConnClock {
     }
 }
 
-/// An I/O stream that tells its [`ConnClock`] when request bytes arrive.
+/// How long a closing connection keeps reading (and discarding) what the client still
+/// sends after our side is shut down: closing a socket with unread data in it sends a reset,
+/// which can destroy the answer (a 413, a 431) before the client reads it. This is nginx's
+/// lingering close.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// A connection's I/O: tells its [`ConnClock`] when request bytes arrive and when writes
+/// stall, closes with a short lingering read, and keeps the connection counted (its guard)
+/// for as long as it exists — also after an upgrade, inside the user's WebSocket task.
 pub struct Watched<IO> {
     inner: IO,
-    clock: Rc<ConnClock>,
+    clock: Arc<ConnClock>,
+    _counted: ConnGuard,
+    /// Set once our side is shut down: the end of the lingering read.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<IO> Watched<IO> {
-    pub fn new(inner: IO, clock: Rc<ConnClock>) -> Self {
-        Watched { inner, clock }
+    pub fn new(inner: IO, clock: Arc<ConnClock>, counted: ConnGuard) -> Self {
+        Watched {
+            inner,
+            clock,
+            _counted: counted,
+            linger: None,
+        }
     }
 }
 
@@ -117,19 +217,21 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.clock.on_bytes_read();
+            self.clock.on_bytes_read(&buf.filled()[before..]);
         }
         r
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.clock.on_write(r.is_pending());
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -137,7 +239,28 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        if self.linger.is_none() {
+            if let Err(e) = ready!(Pin::new(&mut self.inner).poll_shutdown(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            self.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        let mut scratch = [0u8; 2048];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                // End of stream or an error: the client has what it will read.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    let timer = self.linger.as_mut().expect("set above");
+                    return match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Ok(())),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -145,7 +268,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.clock.on_write(r.is_pending());
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
