@@ -9,9 +9,11 @@
 //! stops accepting (the kernel's backlog holds the rest, and other workers take them)
 //! instead of failing them.
 //!
-//! Connections are served by hyper-util's `auto` builder on a `LocalExec` (tasks spawned
-//! with `spawn_local`), hyper's pattern for single-threaded servers: that is what lets a
-//! service and its futures be `!Send`.
+//! Each connection's first bytes say which protocol it speaks (the HTTP/2 preface, or not),
+//! as hyper-util's `auto` builder decides; that builder is not used because it cannot set
+//! HTTP/1's header size limit. HTTP/2 runs on a `LocalExec` (tasks spawned with
+//! `spawn_local`), hyper's pattern for single-threaded servers: that is what lets a service
+//! and its futures be `!Send`.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -29,9 +31,9 @@ use http::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::conn::auto;
 use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
@@ -87,7 +89,8 @@ pub struct Server {
     worker_header: HeaderValue,
     stats: Rc<Stats>,
     budget: Arc<BodyBudget>,
-    builder: auto::Builder<LocalExec>,
+    h1: http1::Builder,
+    h2: http2::Builder<LocalExec>,
     /// Connection error kinds already logged at info (each is logged once, then at debug).
     logged_errors: RefCell<BTreeSet<&'static str>>,
 }
@@ -108,16 +111,13 @@ impl Server {
             }
         }
         let limits = setup.http.clone();
-        let mut builder = auto::Builder::new(LocalExec);
-        builder
-            .http1()
-            .header_read_timeout(None)
-            .max_buf_size(limits.max_header_bytes.max(8192))
+        let mut h1 = http1::Builder::new();
+        h1.header_read_timeout(None)
+            .max_header_size(limits.max_header_bytes)
             .max_headers(limits.max_headers)
             .keep_alive(true);
-        builder
-            .http2()
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        let mut h2 = http2::Builder::new(LocalExec);
+        h2.max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .max_concurrent_streams(256);
         Ok(Server {
             handlers,
@@ -128,7 +128,8 @@ impl Server {
             limits,
             worker_header: HeaderValue::from(setup.slot),
             stats,
-            builder,
+            h1,
+            h2,
             logged_errors: RefCell::new(BTreeSet::new()),
         })
     }
@@ -530,42 +531,95 @@ async fn serve_http(
             }
         })
     };
-    let conn = server.builder.serve_connection_with_upgrades(
-        TokioIo::new(Watched::new(io, clock.clone(), counted)),
-        service,
-    );
+    let mut io = Watched::new(io, clock.clone(), counted);
+    let head_deadline = clock.next_check();
+    let h2 = match tokio::time::timeout_at(head_deadline, io.sniff_h2()).await {
+        Ok(Ok(h2)) => h2,
+        // Silent past the head timeout, or gone: nothing to answer.
+        Ok(Err(_)) | Err(_) => return,
+    };
+    let result = if h2 {
+        let conn = server.h2.serve_connection(TokioIo::new(io), service);
+        drive(conn, &clock, &server, &mut shutdown, Stage::Draining).await
+    } else {
+        let conn = server
+            .h1
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        drive(conn, &clock, &server, &mut shutdown, Stage::CloseIdle).await
+    };
+    if let Err(e) = result {
+        server.log_conn_error(&e);
+    }
+}
+
+/// A hyper connection that can be asked to finish gracefully.
+trait Graceful: std::future::Future<Output = hyper::Result<()>> {
+    fn graceful(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<crate::server::BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: http_body::Body + 'static,
+    B::Error: Into<crate::server::BoxError>,
+{
+    fn graceful(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+impl<I, S, B> Graceful for http2::Connection<I, S, LocalExec>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<crate::server::BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: http_body::Body + 'static,
+    B::Error: Into<crate::server::BoxError>,
+    LocalExec: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+/// Runs a connection to its end under the connection's clock and the worker's drain:
+/// graceful shutdown when the drain reaches `close_at` or the connection idles out, a hard
+/// close when the head or a send stalls past its timeout.
+async fn drive<C: Graceful>(
+    conn: C,
+    clock: &ConnClock,
+    server: &Server,
+    shutdown: &mut Shutdown,
+    close_at: Stage,
+) -> hyper::Result<()> {
+    let limits = &server.limits;
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
-    let result = loop {
-        let stage = if clock.is_h2() {
-            Stage::Draining
-        } else {
-            Stage::CloseIdle
-        };
+    loop {
         tokio::select! {
-            r = conn.as_mut() => break r,
-            _ = shutdown.reached(stage), if !closing => {
+            r = conn.as_mut() => return r,
+            _ = shutdown.reached(close_at), if !closing => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                conn.as_mut().graceful();
             }
             _ = tokio::time::sleep_until(clock.next_check()) => match clock.expired() {
-                Some(Expired::Head) if !clock.is_h2() => {
+                Some(Expired::Head) if close_at == Stage::CloseIdle => {
                     debug!("client sent no complete request head within {:?}: closing", limits.header_read_timeout);
-                    break Ok(());
+                    return Ok(());
                 }
                 Some(Expired::Send) => {
                     debug!("client took no response bytes for {:?}: closing", limits.send_timeout);
-                    break Ok(());
+                    return Ok(());
                 }
                 Some(Expired::Head | Expired::Idle) if !closing => {
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().graceful();
                 }
                 _ => {}
             },
         }
-    };
-    if let Err(e) = result {
-        server.log_conn_error(&*e);
     }
 }

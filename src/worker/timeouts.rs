@@ -18,7 +18,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -74,9 +74,6 @@ pub struct ConnClock {
     /// A write has been refused (the peer's window is full) since then.
     blocked_since: AtomicInstant,
     in_flight: AtomicU32,
-    /// The first bytes were the HTTP/2 connection preface.
-    h2: AtomicBool,
-    sniffed: AtomicBool,
 }
 
 impl ConnClock {
@@ -91,23 +88,12 @@ impl ConnClock {
             idle_since: AtomicInstant::unset(),
             blocked_since: AtomicInstant::unset(),
             in_flight: AtomicU32::new(0),
-            h2: AtomicBool::new(false),
-            sniffed: AtomicBool::new(false),
         };
         c.head_since.set(base, Some(base));
         Arc::new(c)
     }
 
-    /// True when the client spoke HTTP/2 (prior knowledge).
-    pub fn is_h2(&self) -> bool {
-        self.h2.load(Ordering::Relaxed)
-    }
-
-    fn on_bytes_read(&self, first: &[u8]) {
-        if !self.sniffed.swap(true, Ordering::Relaxed) {
-            self.h2
-                .store(first.starts_with(b"PRI * HTTP/2.0"), Ordering::Relaxed);
-        }
+    fn on_bytes_read(&self) {
         if self.in_flight.load(Ordering::Relaxed) == 0 && !self.head_since.is_set() {
             self.head_since.set(self.base, Some(Instant::now()));
             self.idle_since.set(self.base, None);
@@ -195,7 +181,12 @@ pub struct Watched<IO> {
     _counted: ConnGuard,
     /// Set once our side is shut down: the end of the lingering read.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes read while deciding the protocol, handed out again before anything else.
+    replay: bytes::Bytes,
 }
+
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl<IO> Watched<IO> {
     pub fn new(inner: IO, clock: Arc<ConnClock>, counted: ConnGuard) -> Self {
@@ -204,6 +195,31 @@ impl<IO> Watched<IO> {
             clock,
             _counted: counted,
             linger: None,
+            replay: bytes::Bytes::new(),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> Watched<IO> {
+    /// Reads the connection's first bytes and says whether they are the HTTP/2 preface.
+    /// They are kept and read again by the protocol's parser. Usually one read: an
+    /// HTTP/1 request line differs from the preface in its first bytes.
+    pub async fn sniff_h2(&mut self) -> io::Result<bool> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = bytes::BytesMut::with_capacity(4096);
+        loop {
+            if self.inner.read_buf(&mut buf).await? == 0 {
+                // Closed before deciding: let the parser see the little there is.
+                self.replay = buf.freeze();
+                return Ok(false);
+            }
+            self.clock.on_bytes_read();
+            let n = buf.len().min(H2_PREFACE.len());
+            if buf[..n] != H2_PREFACE[..n] || buf.len() >= H2_PREFACE.len() {
+                let h2 = buf.starts_with(H2_PREFACE);
+                self.replay = buf.freeze();
+                return Ok(h2);
+            }
         }
     }
 }
@@ -214,10 +230,16 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.replay.is_empty() {
+            let n = self.replay.len().min(buf.remaining());
+            let head = self.replay.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.clock.on_bytes_read(&buf.filled()[before..]);
+            self.clock.on_bytes_read();
         }
         r
     }
