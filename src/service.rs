@@ -112,7 +112,7 @@ async fn echo(body: Bytes) -> Bytes {
 
 /// `N` chunks, `M` ms apart, as they are produced (chunked transfer encoding).
 async fn chunks(Query(p): Query<Pace>) -> Response {
-    let n = p.chunks.unwrap_or(5).min(10_000);
+    let n = p.chunks.unwrap_or(5).min(1_000_000);
     let gap = Duration::from_millis(p.ms.unwrap_or(200).min(60_000));
     Body::from_stream(paced(n, gap, |i| Bytes::from(format!("chunk {i}\n")))).into_response()
 }
@@ -138,7 +138,7 @@ fn paced<T: Send + 'static>(
         if i >= n {
             return None;
         }
-        if i > 0 {
+        if i > 0 && !gap.is_zero() {
             tokio::time::sleep(gap).await;
         }
         Some((Ok(item(i)), i + 1))
