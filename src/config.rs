@@ -258,15 +258,44 @@ fn file_duration(v: &Option<String>, key: &str) -> Result<Option<Duration>, Fata
         .transpose()
 }
 
+/// Largest config file read.
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
 /// Reads and parses the config file; errors name the file, the line and the key.
+///
+/// The master reads it on its loop at every reload, so the read must not block: the file is
+/// opened with `O_NONBLOCK` (opening a FIFO for reading would otherwise wait for a writer),
+/// must be a regular file, and is read up to [`MAX_FILE_BYTES`].
 fn read_file(path: &Path) -> Result<FileConfig, Fatal> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let cannot = |e: &dyn std::fmt::Display| {
         Fatal::config(format!(
             "config error: cannot read {}: {}",
             path.display(),
             e
         ))
-    })?;
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| cannot(&e))?;
+    let meta = file.metadata().map_err(|e| cannot(&e))?;
+    if !meta.file_type().is_file() {
+        return Err(cannot(&"not a regular file"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(cannot(&format!("larger than {} KiB", MAX_FILE_BYTES >> 10)));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| cannot(&e))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(cannot(&format!("larger than {} KiB", MAX_FILE_BYTES >> 10)));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| cannot(&"not valid UTF-8"))?;
     parse_file(&text).map_err(|e| Fatal::config(format!("config error: {}: {e}", path.display())))
 }
 
@@ -412,9 +441,13 @@ impl Config {
             }
         };
         check(
-            (1..=1024).contains(&self.workers),
+            (1..=crate::loadboard::MAX_WORKERS).contains(&self.workers),
             "workers",
-            format!("must be between 1 and 1024 (got {})", self.workers),
+            format!(
+                "must be between 1 and {} (got {})",
+                crate::loadboard::MAX_WORKERS,
+                self.workers
+            ),
         )?;
         self.log_level
             .parse::<tracing_subscriber::filter::Targets>()

@@ -69,6 +69,19 @@ pub struct StatusReport {
     pub listeners: Vec<String>,
     pub last_reload: Option<ReloadReport>,
     pub workers: Vec<WorkerReport>,
+    /// Worker starts that failed for want of a host resource (descriptors, processes,
+    /// memory): retried with backoff, not counted against `restart_limit`.
+    #[serde(default)]
+    pub spawn_failures: u64,
+    /// The latest failed worker start, of either kind, with its slot.
+    #[serde(default)]
+    pub last_spawn_error: Option<String>,
+    /// Round-robin: connections the master holds that no worker has taken yet, and how
+    /// many it may hold before it stops accepting.
+    #[serde(default)]
+    pub master_connections: u64,
+    #[serde(default)]
+    pub master_connection_cap: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -92,6 +105,10 @@ pub struct ReloadReport {
     pub ok: bool,
     pub message: String,
     pub duration_ms: u64,
+    /// Connections of the old generation that were cut: their workers were still busy at
+    /// `drain_timeout` (or hung while draining) and were killed.
+    #[serde(default)]
+    pub connections_cut: u64,
 }
 
 /// A request from a client, and where its reply goes.

@@ -18,8 +18,12 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Entries on the board, and so the most workers (of all generations) alive at once.
-pub const ENTRIES: usize = 1023;
+/// The largest pool (`workers`, and what SIGTTIN may grow it to).
+pub const MAX_WORKERS: usize = 1024;
+/// Entries on the board, and so the most workers (of all generations) alive at once: two
+/// full generations of the largest pool (a reload starts the new one beside the old), plus
+/// room for workers still draining from before. The page is 16 KiB.
+pub const ENTRIES: usize = 4095;
 /// The word after the entries: how many entries have ever been assigned.
 const IN_USE: usize = ENTRIES;
 const BYTES: usize = (ENTRIES + 1) * std::mem::size_of::<AtomicU32>();
@@ -147,6 +151,17 @@ impl Drop for LoadBoard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_of_the_largest_pool_fits_on_the_board() {
+        const { assert!(ENTRIES >= 2 * MAX_WORKERS) };
+        let mut b = LoadBoard::create().unwrap();
+        for i in 0..2 * MAX_WORKERS {
+            assert_eq!(b.assign(), Some(i));
+        }
+        b.publish(2 * MAX_WORKERS - 1, 7);
+        assert_eq!(b.least_other(0), Some(7));
+    }
 
     #[test]
     fn entries_are_shared_between_mappings() {

@@ -7,7 +7,8 @@
 //! 1. [`reap`](Master::reap) exited workers and decide what each exit means;
 //! 2. [`murder_hung`](Master::murder_hung) workers that stopped answering heartbeats, and
 //!    send the next heartbeat;
-//! 3. [`check_limits`](Master::check_limits): memory, once a second;
+//! 3. [`check_limits`](Master::check_limits): memory, once a second, or every 150 ms for
+//!    a worker near its limit or growing fast;
 //! 4. [`advance_rollover`](Master::advance_rollover) when a reload is under way;
 //! 5. [`spawn_to_target`](Master::spawn_to_target): refill every empty slot whose backoff
 //!    has run out;
@@ -16,6 +17,11 @@
 //!
 //! The master knows nothing of requests; workers know nothing of supervision. They meet only
 //! on the IPC channel ([`crate::ipc`]).
+//!
+//! The master only blames a worker for what it could have observed: when its own loop did
+//! not turn for [`STALL`] (the process was stopped, or something blocked it), every
+//! heartbeat clock restarts and deadlines move by the stall, instead of every worker being
+//! killed as hung the moment the loop resumes.
 
 pub mod budget;
 mod dispatch;
@@ -26,7 +32,7 @@ mod rollover;
 pub mod spawn;
 mod stop;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,13 +52,22 @@ use crate::loadboard::LoadBoard;
 use crate::notify::Notifier;
 
 use budget::RestartBudget;
-use dispatch::Dispatcher;
+use dispatch::{ConnBudget, Dispatcher, HeldConn};
 use pool::{Pool, Retire, Slot, Worker, WorkerState};
 use rollover::Rollover;
 use spawn::{Executable, SpawnRequest};
 
 const TICK: Duration = Duration::from_millis(50);
 const MEMORY_CHECK: Duration = Duration::from_secs(1);
+/// The memory check period while a worker is above half of `max_memory`, or grew by more
+/// than an eighth of it since the previous check.
+const MEMORY_CHECK_FAST: Duration = Duration::from_millis(150);
+/// A gap this long between two wake-ups of the loop (which wakes at least every [`TICK`])
+/// means the master itself stalled.
+const STALL: Duration = Duration::from_millis(250);
+/// Retry delays for starts that failed for want of a host resource.
+const SPAWN_RETRY_BASE: Duration = Duration::from_millis(100);
+const SPAWN_RETRY_CAP: Duration = Duration::from_secs(5);
 
 /// What a worker's channels (and, for round-robin, the master's acceptors) report.
 enum ChannelEvent {
@@ -65,7 +80,7 @@ enum ChannelEvent {
         error: Option<String>,
     },
     /// Round-robin: a connection the master accepted, to hand to a worker.
-    Accepted(OwnedFd),
+    Accepted(HeldConn),
     /// Round-robin: the worker holds hand-off `id` now.
     Acked {
         pid: i32,
@@ -120,6 +135,28 @@ pub struct Master {
     dispatcher: Dispatcher,
     board: LoadBoard,
     acceptors: Vec<tokio::task::JoinHandle<()>>,
+    /// Connections the master holds for round-robin, and how many it may.
+    conn_budget: Arc<ConnBudget>,
+    next_cap_update: Instant,
+    /// When the loop last woke, to notice that it stalled.
+    last_wake: Instant,
+    /// When the loop last recovered from a stall: heartbeat silence and start-up time are
+    /// counted from no earlier than this.
+    excused_at: Instant,
+    /// Starts that failed for want of a host resource, pool-wide, and the latest error.
+    spawn_failures: u64,
+    last_spawn_error: Option<String>,
+}
+
+/// Why the loop woke.
+enum Wake {
+    Child,
+    Stop(&'static str, bool),
+    Reload,
+    Scale(i32),
+    Channel(ChannelEvent),
+    Control(control::Incoming),
+    Tick,
 }
 
 impl Master {
@@ -136,6 +173,7 @@ impl Master {
         let board = LoadBoard::create()
             .map_err(|e| exit::Fatal::os(format!("cannot create the load board: {e}")))?;
         let (channel_tx, channel_rx) = mpsc::unbounded_channel();
+        raise_fd_limit();
         let now = Instant::now();
         let control_path = config
             .control_socket
@@ -168,6 +206,12 @@ impl Master {
             dispatcher: Dispatcher::default(),
             board,
             acceptors: Vec::new(),
+            conn_budget: ConnBudget::new(dispatch::MAX_HELD),
+            next_cap_update: now,
+            last_wake: now,
+            excused_at: now,
+            spawn_failures: 0,
+            last_spawn_error: None,
         })
     }
 
@@ -208,24 +252,34 @@ impl Master {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            tokio::select! {
+            let wake = tokio::select! {
                 biased;
-                _ = chld.recv() => {}
-                _ = term.recv() => self.stop("SIGTERM", false),
-                _ = int.recv() => self.stop("SIGINT", false),
-                _ = quit.recv() => self.stop("SIGQUIT", true),
-                _ = hup.recv() => self.request_reload(None),
-                _ = ttin.recv() => self.scale(1),
-                _ = ttou.recv() => self.scale(-1),
-                Some(ev) = self.channel_rx.recv() => {
+                _ = chld.recv() => Wake::Child,
+                _ = term.recv() => Wake::Stop("SIGTERM", false),
+                _ = int.recv() => Wake::Stop("SIGINT", false),
+                _ = quit.recv() => Wake::Stop("SIGQUIT", true),
+                _ = hup.recv() => Wake::Reload,
+                _ = ttin.recv() => Wake::Scale(1),
+                _ = ttou.recv() => Wake::Scale(-1),
+                Some(ev) = self.channel_rx.recv() => Wake::Channel(ev),
+                Some(req) = control_rx.recv() => Wake::Control(req),
+                _ = tick.tick() => Wake::Tick,
+            };
+            // Before anything is judged on this turn: did the loop itself stall?
+            self.check_stall(Instant::now());
+            match wake {
+                Wake::Child | Wake::Tick => {}
+                Wake::Stop(why, fast) => self.stop(why, fast),
+                Wake::Reload => self.request_reload(None),
+                Wake::Scale(d) => self.scale(d),
+                Wake::Channel(ev) => {
                     // Connection hand-offs are traffic, not supervision events: they skip
                     // the turn's steps.
                     if !self.on_channel(ev) {
                         continue;
                     }
                 }
-                Some(req) = control_rx.recv() => self.on_control(req),
-                _ = tick.tick() => {}
+                Wake::Control(req) => self.on_control(req),
             }
             let now = Instant::now();
             self.reap(now);
@@ -259,6 +313,11 @@ impl Master {
             ChannelEvent::HandoffClosed { pid } => self.give_back(pid),
             ChannelEvent::Message { pid, msg } => self.on_message(pid, msg, now),
             ChannelEvent::Closed { pid, error } => {
+                // Reaped already: its last words, if any, have been read.
+                self.pool.exited.remove(&pid);
+                if let Some(w) = self.pool.workers.get_mut(&pid) {
+                    w.channel_closed = true;
+                }
                 if let Some(w) = self.pool.workers.get_mut(&pid)
                     && let Some(e) = error
                 {
@@ -277,6 +336,15 @@ impl Master {
     fn on_message(&mut self, pid: i32, msg: ToMaster, now: Instant) {
         let drain_timeout = self.config.drain_timeout;
         let Some(w) = self.pool.workers.get_mut(&pid) else {
+            // A worker reaped before its channel was read to the end: a last heartbeat
+            // answer (or a final count) corrects the request total.
+            if let ToMaster::Pong { requests, .. } = msg
+                && let Some(counted) = self.pool.exited.get_mut(&pid)
+                && requests > *counted
+            {
+                self.pool.requests_retired += requests - *counted;
+                *counted = requests;
+            }
             return;
         };
         match msg {
@@ -306,11 +374,12 @@ impl Master {
                 }
             }
             ToMaster::Pong {
-                seq: _,
+                seq,
                 requests,
                 connections,
             } => {
                 w.last_pong = now;
+                w.pong_seq = w.pong_seq.max(seq);
                 w.requests = requests;
                 w.connections = connections;
                 if w.request_limit > 0 && requests >= w.request_limit && w.retire.is_none() {
@@ -338,6 +407,7 @@ impl Master {
                 w.state = WorkerState::Draining {
                     deadline: now + drain_timeout + Duration::from_secs(1),
                 };
+                w.drain_seq = Some((w.ping_seq, false));
                 let (slot, generation) = (w.slot, w.generation);
                 if !planned && generation == self.pool.generation && !self.budget.record(now) {
                     self.give_up(format!("worker {slot} left after a panic"));
@@ -366,7 +436,8 @@ impl Master {
         }
         let now = Instant::now();
         let old = self.pool.slots.len();
-        let new = (old as i64 + delta as i64).clamp(1, 1024) as usize;
+        let new =
+            (old as i64 + delta as i64).clamp(1, crate::loadboard::MAX_WORKERS as i64) as usize;
         if new == old {
             info!("scale request ignored: the pool never goes below 1 worker");
             return;
@@ -409,6 +480,9 @@ impl Master {
                 continue;
             };
             self.pool.requests_retired += w.requests;
+            if !w.channel_closed {
+                self.pool.exited.insert(pid, w.requests);
+            }
             self.board.release(w.board_index);
             self.give_back(pid);
             self.on_exit(w, cause, now);
@@ -422,6 +496,16 @@ impl Master {
             None => cause,
         };
         if let Some(retire) = &w.retire {
+            // An old-generation worker that drained until its own timeout ran out cut what
+            // it still held (its latest heartbeat answer says how much; at least one).
+            if let (Phase::Rolling(r), WorkerState::Draining { deadline }) =
+                (&mut self.phase, w.state)
+                && w.killed.is_none()
+                && *retire == Retire::Superseded
+                && now + Duration::from_secs(1) >= deadline
+            {
+                r.count_cut(w.generation, w.connections.max(1));
+            }
             info!(
                 slot = w.slot,
                 pid = w.pid,
@@ -495,21 +579,50 @@ impl Master {
         }
     }
 
-    /// Kills workers that stopped answering heartbeats, or never became ready, or overran
-    /// their drain; then sends the next heartbeat.
+    /// Notices that the loop itself stalled (the master was stopped, or something blocked
+    /// it): the workers could not be heard meanwhile, so they are not blamed for it. Every
+    /// heartbeat clock restarts (each worker gets a full silence window from now, and is
+    /// pinged at once), and drain and rollover deadlines move by the stall.
+    fn check_stall(&mut self, now: Instant) {
+        let gap = now.duration_since(self.last_wake);
+        self.last_wake = now;
+        if gap <= STALL {
+            return;
+        }
+        warn!(
+            "master loop stalled for {} ms (stopped or blocked): restarting heartbeat clocks instead of blaming workers",
+            gap.as_millis()
+        );
+        self.excused_at = now;
+        self.next_heartbeat = now;
+        for w in self.pool.workers.values_mut() {
+            if let WorkerState::Draining { deadline } = &mut w.state {
+                *deadline += gap;
+            }
+        }
+        if let Phase::Rolling(r) = &mut self.phase {
+            r.postpone(gap);
+        }
+    }
+
+    /// Kills workers that stopped answering heartbeats (serving or draining), or never
+    /// became ready, or overran their drain; then sends the next heartbeat.
     fn murder_hung(&mut self, now: Instant) {
         let interval = self.config.heartbeat_interval;
         let misses = self.config.heartbeat_misses;
         // `misses` pings unanswered, the last of them given half an interval to answer.
         let silence_limit = interval * misses + interval / 2;
         let ready_timeout = self.config.ready_timeout;
+        let excused_at = self.excused_at;
+        let mut cut = Vec::new();
         for w in self.pool.workers.values_mut() {
             if w.killed.is_some() {
                 continue;
             }
+            // Silence the master could not have heard (its own stall) does not count.
+            let silent = now.duration_since(w.last_pong.max(excused_at));
             match w.state {
-                WorkerState::Ready if now.duration_since(w.last_pong) > silence_limit => {
-                    let silent = now.duration_since(w.last_pong);
+                WorkerState::Ready if silent > silence_limit => {
                     warn!(
                         slot = w.slot,
                         pid = w.pid,
@@ -521,7 +634,9 @@ impl Master {
                         silent.as_millis()
                     ));
                 }
-                WorkerState::Starting if now.duration_since(w.started) > ready_timeout => {
+                WorkerState::Starting
+                    if now.duration_since(w.started.max(excused_at)) > ready_timeout =>
+                {
                     warn!(
                         slot = w.slot,
                         pid = w.pid,
@@ -542,14 +657,41 @@ impl Master {
                         "drain timeout, {} connection(s) cut",
                         w.connections
                     ));
+                    cut.push((w.generation, w.connections));
+                }
+                WorkerState::Draining { .. }
+                    if silent > silence_limit && w.silent_while_draining() =>
+                {
+                    warn!(
+                        slot = w.slot,
+                        pid = w.pid,
+                        "draining worker missed {misses} heartbeats (silent for {} ms): killing it, cutting {} connection(s)",
+                        silent.as_millis(),
+                        w.connections
+                    );
+                    w.kill(format!(
+                        "hung while draining, no heartbeat answer for {} ms, {} connection(s) cut",
+                        silent.as_millis(),
+                        w.connections
+                    ));
+                    cut.push((w.generation, w.connections));
                 }
                 _ => {}
+            }
+        }
+        if let Phase::Rolling(r) = &mut self.phase {
+            for (generation, n) in cut {
+                r.count_cut(generation, n);
             }
         }
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + interval;
             for w in self.pool.workers.values_mut() {
-                if w.state == WorkerState::Ready && w.killed.is_none() {
+                // Draining workers too: one that stops answering is as hung as a serving
+                // one (see `Worker::silent_while_draining`).
+                if matches!(w.state, WorkerState::Ready | WorkerState::Draining { .. })
+                    && w.killed.is_none()
+                {
                     w.ping_seq += 1;
                     w.send(ToWorker::Ping { seq: w.ping_seq });
                 }
@@ -557,36 +699,48 @@ impl Master {
         }
     }
 
-    /// Memory limits, checked once a second; over-limit workers are recycled.
+    /// Memory limits, checked once a second, or every [`MEMORY_CHECK_FAST`] while a worker
+    /// is above half the limit or grew by more than an eighth of it since the last check;
+    /// over-limit workers are recycled. (Round-robin: the connection cap follows the
+    /// descriptor limit at the same pace.)
     fn check_limits(&mut self, now: Instant) {
+        if self.config.accept == AcceptStrategy::RoundRobin && now >= self.next_cap_update {
+            self.next_cap_update = now + MEMORY_CHECK;
+            self.update_conn_cap();
+        }
         if now < self.next_memory_check {
             return;
         }
-        self.next_memory_check = now + MEMORY_CHECK;
         let max = self.config.max_memory;
+        let mut hot = false;
         for w in self.pool.workers.values_mut() {
+            let before = w.memory.charged();
             if let Some(m) = memory::read(w.pid) {
                 w.memory = m;
             }
+            let charged = w.memory.charged();
             if max > 0
-                && w.memory.charged() > max
                 && w.retire.is_none()
-                && w.state == WorkerState::Ready
+                && (charged > max / 2 || charged.saturating_sub(before) > max / 8)
             {
+                hot = true;
+            }
+            if max > 0 && charged > max && w.retire.is_none() && w.state == WorkerState::Ready {
                 let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
                 info!(
                     slot = w.slot,
                     pid = w.pid,
                     "worker uses {:.1} MiB > max_memory {:.1} MiB: recycling it",
-                    mib(w.memory.charged()),
+                    mib(charged),
                     mib(max)
                 );
                 w.retire = Some(Retire::Recycle(format!(
                     "memory {:.1} MiB over max_memory",
-                    mib(w.memory.charged())
+                    mib(charged)
                 )));
             }
         }
+        self.next_memory_check = now + if hot { MEMORY_CHECK_FAST } else { MEMORY_CHECK };
     }
 
     /// Starts a worker in every empty slot of the serving generation whose backoff is over.
@@ -601,13 +755,37 @@ impl Master {
             {
                 continue;
             }
-            if let Err(e) = self.spawn_worker(slot, generation, None) {
-                error!(slot, "cannot start worker: {e}");
-                let s = &mut self.pool.slots[slot];
-                s.next_start = now + s.backoff.after_exit(Duration::ZERO, self.config.min_uptime);
-                if !self.budget.record(now) {
-                    self.give_up(format!("cannot start worker {slot}: {e}"));
-                    return;
+            match self.spawn_worker(slot, generation, None) {
+                Ok(_) => self.pool.slots[slot].spawn_failures_in_row = 0,
+                Err(e) if host_resource_error(&e) => {
+                    // The host is short of descriptors, processes or memory: nothing the
+                    // worker did. Retry with its own backoff, off the restart budget.
+                    let s = &mut self.pool.slots[slot];
+                    s.spawn_failures += 1;
+                    s.spawn_failures_in_row = s.spawn_failures_in_row.saturating_add(1);
+                    s.last_spawn_error = Some(e.to_string());
+                    let delay = spawn_retry_delay(s.spawn_failures_in_row);
+                    s.next_start = now + delay;
+                    self.spawn_failures += 1;
+                    self.last_spawn_error = Some(format!("worker {slot}: {e}"));
+                    // One line per failure; the backoff (up to 5 s) bounds how often.
+                    warn!(
+                        slot,
+                        "cannot start worker for want of a host resource: {e}; retrying in {} ms (not counted against restart_limit)",
+                        delay.as_millis()
+                    );
+                }
+                Err(e) => {
+                    error!(slot, "cannot start worker: {e}");
+                    let s = &mut self.pool.slots[slot];
+                    s.last_spawn_error = Some(e.to_string());
+                    s.next_start =
+                        now + s.backoff.after_exit(Duration::ZERO, self.config.min_uptime);
+                    self.last_spawn_error = Some(format!("worker {slot}: {e}"));
+                    if !self.budget.record(now) {
+                        self.give_up(format!("cannot start worker {slot}: {e}"));
+                        return;
+                    }
                 }
             }
         }
@@ -623,10 +801,13 @@ impl Master {
     ) -> std::io::Result<i32> {
         let (config, exe) = with.unwrap_or((&self.config, &self.exe));
         let cpu = self.pool.slots[slot].cpu;
-        let board_index = self
-            .board
-            .assign()
-            .ok_or_else(|| std::io::Error::other("no free load-board entry: too many workers"))?;
+        let board_index = self.board.assign().ok_or_else(|| {
+            // Entries come free as old workers exit: a resource shortage, not a failure.
+            std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "no free load-board entry: too many workers alive at once",
+            )
+        })?;
         let spawned = spawn::spawn(SpawnRequest {
             exe,
             listeners: &self.listeners,
@@ -683,6 +864,9 @@ impl Master {
                 ready_at: None,
                 last_pong: now,
                 ping_seq: 0,
+                pong_seq: 0,
+                drain_seq: None,
+                channel_closed: false,
                 requests: 0,
                 connections: 0,
                 request_limit,
@@ -765,6 +949,9 @@ fn resize_slots(pool: &mut Pool, n: usize, cpus: &[usize], now: Instant) {
             restarts: 0,
             backoff: Default::default(),
             next_start: now,
+            spawn_failures: 0,
+            spawn_failures_in_row: 0,
+            last_spawn_error: None,
         });
     }
 }
@@ -818,4 +1005,42 @@ pub fn serve(
         .map_err(|e| exit::Fatal::os(format!("cannot build runtime: {e}")))?;
     let master = Master::new(args, config, cpus, listeners, notifier, check)?;
     Ok(rt.block_on(master.run()))
+}
+
+/// A start that failed because the host is short of something (descriptors, processes,
+/// memory), not because of the worker or its binary.
+fn host_resource_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM | libc::ENOBUFS)
+    ) || matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::OutOfMemory
+    )
+}
+
+/// Exponential from [`SPAWN_RETRY_BASE`], capped at [`SPAWN_RETRY_CAP`], with jitter over
+/// the upper half.
+fn spawn_retry_delay(failures: u32) -> Duration {
+    let exp = SPAWN_RETRY_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let delay = exp.min(SPAWN_RETRY_CAP);
+    let half = delay / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+/// Raises the soft descriptor limit to the hard one (the master's loop uses epoll, so a
+/// large table costs nothing); round-robin's connection cap and every worker's
+/// `max_connections` are bounded by it.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }

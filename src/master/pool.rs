@@ -49,6 +49,14 @@ pub struct Worker {
     pub ready_at: Option<Instant>,
     pub last_pong: Instant,
     pub ping_seq: u64,
+    /// The `seq` of the latest heartbeat answer.
+    pub pong_seq: u64,
+    /// The last heartbeat sent before it began draining, and whether that one went just
+    /// before the `Drain` message (every worker answers that one: it precedes the drain on
+    /// the channel, so a draining worker that leaves it unanswered is hung).
+    pub drain_seq: Option<(u64, bool)>,
+    /// Its channel reported end of file: nothing more will come from it.
+    pub channel_closed: bool,
     pub requests: u64,
     pub connections: u64,
     pub request_limit: u64,
@@ -81,12 +89,34 @@ impl Worker {
 
     /// Tells it to stop accepting and finish within `timeout`; the master kills it a little
     /// after that if it has not exited.
+    ///
+    /// A heartbeat goes just before the drain: its answer carries the worker's request count
+    /// as of the drain, and a worker that does not answer it is hung (see
+    /// [`Worker::silent_while_draining`]).
     pub fn drain(&mut self, timeout: Duration, now: Instant) {
         if !matches!(self.state, WorkerState::Draining { .. }) {
+            let pinged = self.state == WorkerState::Ready && self.killed.is_none();
+            if pinged {
+                self.ping_seq += 1;
+                self.send(ToWorker::Ping { seq: self.ping_seq });
+            }
+            self.drain_seq = Some((self.ping_seq, pinged));
             self.send(ToWorker::drain(timeout));
             self.state = WorkerState::Draining {
                 deadline: now + timeout + Duration::from_secs(1),
             };
+        }
+    }
+
+    /// Whether a draining worker is held to the heartbeat silence limit: when it left the
+    /// heartbeat sent just before its drain unanswered, or when it has answered a heartbeat
+    /// sent during the drain (so it answers them all, and silence means it hangs). A worker
+    /// that answered up to its drain and then stopped answering is one that does not answer
+    /// while draining; its drain deadline still bounds it.
+    pub fn silent_while_draining(&self) -> bool {
+        match self.drain_seq {
+            Some((seq, pinged)) => (pinged && self.pong_seq < seq) || self.pong_seq > seq,
+            None => true,
         }
     }
 
@@ -105,6 +135,12 @@ pub struct Slot {
     pub restarts: u32,
     pub backoff: Backoff,
     pub next_start: Instant,
+    /// Starts that failed for want of a host resource (descriptors, processes, memory):
+    /// retried with their own backoff, not charged to the restart budget.
+    pub spawn_failures: u64,
+    /// Failures of that kind in a row, for the retry backoff; reset by a successful start.
+    pub spawn_failures_in_row: u32,
+    pub last_spawn_error: Option<String>,
 }
 
 pub struct Pool {
@@ -114,6 +150,9 @@ pub struct Pool {
     pub generation: u64,
     /// Requests served by workers that have exited, so totals do not drop.
     pub requests_retired: u64,
+    /// Workers reaped before their channel closed, with the request count folded into
+    /// `requests_retired`: a final heartbeat answer still on the channel corrects it.
+    pub exited: std::collections::HashMap<i32, u64>,
 }
 
 impl Pool {
@@ -123,6 +162,7 @@ impl Pool {
             slots: Vec::new(),
             generation: 1,
             requests_retired: 0,
+            exited: Default::default(),
         }
     }
 

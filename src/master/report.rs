@@ -8,6 +8,7 @@ use tracing::info;
 use super::memory;
 use super::pool::WorkerState;
 use super::{Master, Phase};
+use crate::config::AcceptStrategy;
 use crate::control::{StatusReport, WorkerReport};
 
 impl Master {
@@ -125,6 +126,14 @@ impl Master {
                 .collect(),
             last_reload: self.last_reload.clone(),
             workers,
+            spawn_failures: self.spawn_failures,
+            last_spawn_error: self.last_spawn_error.clone(),
+            master_connections: self.conn_budget.held() as u64,
+            master_connection_cap: if self.config.accept == AcceptStrategy::RoundRobin {
+                self.conn_budget.cap() as u64
+            } else {
+                0
+            },
         }
     }
 }

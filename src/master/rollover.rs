@@ -8,7 +8,9 @@
 //! 3. When every new worker is ready, the new generation becomes the serving one and the
 //!    old one drains (`Connection: close` on its next responses, idle connections closed
 //!    after a short grace, in-flight requests finish).
-//! 4. When the old workers are gone (or killed at `drain_timeout`), `READY=1`.
+//! 4. When the old workers are gone (or killed at `drain_timeout`), `READY=1`. The reload
+//!    still succeeds when old workers had to be killed, but its result says how many
+//!    connections were cut (the count each reported in its latest heartbeat answer).
 //!
 //! A new worker that exits, or a generation not ready within `ready_timeout`, rolls back:
 //! the new workers drain away, the old generation never stopped serving, and the reload
@@ -37,11 +39,30 @@ pub(super) struct Rollover {
     /// Set by the reaper when a worker of the new generation exits before it is promoted.
     pub failed: Option<String>,
     last_extend: Instant,
+    /// Connections of old-generation workers killed while draining (deadline or hung).
+    cut: u64,
 }
 
 enum Step {
     Starting { deadline: Instant },
     Draining { deadline: Instant },
+}
+
+impl Rollover {
+    /// The master stalled for `gap`: the current step's deadline moves by as much.
+    pub fn postpone(&mut self, gap: Duration) {
+        match &mut self.step {
+            Step::Starting { deadline } | Step::Draining { deadline } => *deadline += gap,
+        }
+    }
+
+    /// A worker of `generation` was killed with `connections` open: counted when it belonged
+    /// to a generation this rollover replaces.
+    pub fn count_cut(&mut self, generation: u64, connections: u64) {
+        if generation < self.generation {
+            self.cut += connections;
+        }
+    }
 }
 
 impl Master {
@@ -96,6 +117,7 @@ impl Master {
             started: now,
             failed,
             last_extend: now,
+            cut: 0,
         }));
     }
 
@@ -132,11 +154,17 @@ impl Master {
                 }
                 if now > deadline {
                     let g = r.generation;
-                    for w in self.pool.workers.values_mut().filter(|w| w.generation < g) {
+                    for w in self
+                        .pool
+                        .workers
+                        .values_mut()
+                        .filter(|w| w.generation < g && w.killed.is_none())
+                    {
                         w.kill(format!(
                             "still draining at drain_timeout, {} connection(s) cut",
                             w.connections
                         ));
+                        r.cut += w.connections;
                     }
                 }
                 // A long drain would otherwise run into systemd's reload timeout.
@@ -211,8 +239,16 @@ impl Master {
             return;
         };
         let ms = now.duration_since(r.started).as_millis() as u64;
-        let message = format!("generation {} serving", r.generation);
-        info!("reload finished in {ms} ms: {message}");
+        let mut message = format!("generation {} serving", r.generation);
+        if r.cut > 0 {
+            message.push_str(&format!(
+                "; {} connection(s) of the old generation cut (still busy at drain_timeout, or hung)",
+                r.cut
+            ));
+            warn!("reload finished in {ms} ms: {message}");
+        } else {
+            info!("reload finished in {ms} ms: {message}");
+        }
         let status = self.status_line(now);
         self.notifier.ready(&status);
         self.last_reload = Some(ReloadReport {
@@ -220,6 +256,7 @@ impl Master {
             ok: true,
             message: message.clone(),
             duration_ms: ms,
+            connections_cut: r.cut,
         });
         for w in r.waiters {
             let _ = w.send(Reply {
@@ -253,6 +290,7 @@ impl Master {
             ok: false,
             message: why,
             duration_ms: ms,
+            connections_cut: 0,
         });
         for w in waiters {
             let _ = w.send(Reply::error(msg.clone()));
