@@ -130,7 +130,9 @@ pub fn default_path() -> PathBuf {
 /// Binds the socket (see [`place`] for what is refused: exit 78, one line) and serves it
 /// until the runtime ends; requests go to `tx`. Call [`remove_own_socket`] at exit.
 pub fn serve(path: &Path, tx: mpsc::UnboundedSender<Incoming>) -> Result<(), Fatal> {
-    let listener = place::bind(path)?;
+    // A default location is the master's own and must be 0700; a configured one may be
+    // readable by others (see `place`).
+    let listener = place::bind(path, path == default_path())?;
     let listener = listener
         .set_nonblocking(true)
         .and_then(|()| UnixListener::from_std(listener))

@@ -4,8 +4,12 @@
 //! The rules, checked before the first byte is written:
 //!
 //! - the socket's directory is a real directory (not a symbolic link), owned by the master's
-//!   effective uid, with no access for group or others (mode 0700). It is created with mode
-//!   0700 when missing (only the last component; its parent must exist);
+//!   effective uid and not writable by group or others. It is created with mode 0700 when
+//!   missing (only the last component; its parent must exist). A default location (see the
+//!   module above) must be exactly that, 0700: no access at all for group or others. A
+//!   directory the operator named with `control_socket` may also let group and others read
+//!   and search it (0755, say: a directory that also holds other files), since the socket
+//!   itself is 0600 and every peer is checked; writable by them, never;
 //! - every directory above it (after resolving symbolic links once) is owned by root or the
 //!   master's uid, and is not writable by group or others unless it has the sticky bit (as
 //!   `/tmp` does), so nobody else can rename the socket's directory away and put another in
@@ -56,8 +60,10 @@ fn show(p: &Path) -> String {
 
 /// Checks (and if needed creates) the socket's directory, refuses an occupied path, binds
 /// the socket with mode 0600 and records it. Returns the bound listener.
-pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, Fatal> {
-    let real = safe_location(path).map_err(|r| refuse(path, r))?;
+/// `private_dir`: the directory must be 0700 (a default location); otherwise group and
+/// others may read and search it, never write.
+pub fn bind(path: &Path, private_dir: bool) -> Result<std::os::unix::net::UnixListener, Fatal> {
+    let real = safe_location(path, private_dir).map_err(|r| refuse(path, r))?;
     clear_the_way(&real).map_err(|r| refuse(path, r))?;
     // The socket is born 0600: nothing is ever chmod-ed by path afterwards.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
@@ -106,7 +112,7 @@ pub fn remove_own_socket() {
 
 /// Resolves and checks the socket's directory; returns the path to bind (the directory's
 /// parent resolved, so that later steps do not walk symbolic links again).
-fn safe_location(path: &Path) -> Result<PathBuf, String> {
+fn safe_location(path: &Path, private_dir: bool) -> Result<PathBuf, String> {
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -176,9 +182,16 @@ fn safe_location(path: &Path) -> Result<PathBuf, String> {
             euid()
         ));
     }
-    if md.mode() & 0o077 != 0 {
+    if private_dir && md.mode() & 0o077 != 0 {
         return Err(format!(
             "{} has mode {:04o}; it must be 0700 (no access for group or others)",
+            show(&real_dir),
+            md.mode() & 0o7777
+        ));
+    }
+    if md.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} has mode {:04o}; it must not be writable by group or others (0700 is best)",
             show(&real_dir),
             md.mode() & 0o7777
         ));
