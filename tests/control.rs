@@ -538,25 +538,19 @@ fn client_without_permission_exits_77() {
     );
 }
 
-/// A fake master run by another user (uid 65534, in a directory of its own) is not
-/// believed by root's client, whatever it says.
-#[test]
-fn client_does_not_believe_a_master_of_another_uid() {
-    if skip_unless_root("a fake master running as uid 65534") {
-        return;
-    }
-    let python = Path::new("/usr/bin/python3");
-    if !python.exists() {
-        eprintln!("SKIPPED: /usr/bin/python3 is missing (the fake master is a Python script)");
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    chmod(t.path(), 0o755);
-    let d = t.path().join("app-0");
-    std::fs::create_dir(&d).unwrap();
-    chown(&d, NOBODY);
-    let path = d.join("control.sock");
-    let script = r#"
+/// A fake master run by uid 65534 (a Python script: the test itself runs as root), saying
+/// `{"ok":true,"message":"\u001b[31mpwned"}` to everyone. Killed on drop.
+struct FakeOfAnotherUid(Child);
+
+impl FakeOfAnotherUid {
+    /// None (and a printed reason) when it cannot run here.
+    fn start(path: &Path) -> Option<FakeOfAnotherUid> {
+        let python = Path::new("/usr/bin/python3");
+        if !python.exists() {
+            eprintln!("SKIPPED: /usr/bin/python3 is missing (the fake master is a Python script)");
+            return None;
+        }
+        let script = r#"
 import socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.bind(sys.argv[1]); s.listen(8)
@@ -569,27 +563,53 @@ while True:
         pass
     c.close()
 "#;
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+        let fake = FakeOfAnotherUid(
+            Command::new(python)
+                .arg("-c")
+                .arg(script)
+                .arg(path)
+                .uid(NOBODY)
+                .gid(NOBODY)
+                .spawn()
+                .unwrap(),
+        );
+        assert!(
+            wait_until(Duration::from_secs(5), || path.exists().then_some(())).is_some(),
+            "the fake master did not start"
+        );
+        Some(fake)
     }
-    let _fake = Kill(
-        Command::new(python)
-            .arg("-c")
-            .arg(script)
-            .arg(&path)
-            .uid(NOBODY)
-            .gid(NOBODY)
-            .spawn()
-            .unwrap(),
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || path.exists().then_some(())).is_some(),
-        "the fake master did not start"
-    );
+}
+
+impl Drop for FakeOfAnotherUid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A directory of uid 65534's own, as an attacker would plant `/tmp/app-0`.
+fn nobodys_dir(parent: &Path, name: &str) -> PathBuf {
+    chmod(parent, 0o755);
+    let d = parent.join(name);
+    std::fs::create_dir(&d).unwrap();
+    chmod(&d, 0o755);
+    chown(&d, NOBODY);
+    d
+}
+
+/// A fake master run by another user, in a directory of its own, is not believed by root's
+/// client, whatever it says.
+#[test]
+fn client_does_not_believe_a_master_of_another_uid() {
+    if skip_unless_root("a fake master running as uid 65534") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let path = nobodys_dir(t.path(), "app-0").join("control.sock");
+    let Some(_fake) = FakeOfAnotherUid::start(&path) else {
+        return;
+    };
     for cmd in ["reload", "status"] {
         let r = client(&path, &[cmd], &[], Duration::from_secs(10));
         assert_eq!(r.code, Some(69), "{cmd}: {}", r.stderr);
@@ -601,6 +621,47 @@ while True:
             r.stderr
         );
     }
+}
+
+/// A master of another uid is believed when root handed it its directory (systemd's
+/// `RuntimeDirectory=` for a `DynamicUser=`: `/run/app` owned by the service's uid, in
+/// root-only `/run`), but a symbolic link to it from a place anyone can write lends it
+/// nothing.
+#[test]
+fn client_believes_a_master_in_a_directory_root_gave_it_but_not_through_a_link() {
+    if skip_unless_root("a master running as uid 65534 in a root-made directory") {
+        return;
+    }
+    let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    chmod(base.path(), 0o755);
+    let root_only = base.path().ancestors().all(|a| {
+        let m = std::fs::symlink_metadata(a).unwrap();
+        m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0
+    });
+    if !root_only {
+        eprintln!(
+            "SKIPPED: {} is not in directories only root can write",
+            base.path().display()
+        );
+        return;
+    }
+    let run_app = base.path().join("run-app");
+    std::fs::create_dir(&run_app).unwrap();
+    chmod(&run_app, 0o700);
+    chown(&run_app, NOBODY);
+    let path = run_app.join("control.sock");
+    let Some(_fake) = FakeOfAnotherUid::start(&path) else {
+        return;
+    };
+    let r = client(&path, &["reload"], &[], Duration::from_secs(10));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(!r.stdout.contains(&0x1b), "{:?}", r.stdout);
+
+    let t = tempfile::tempdir().unwrap();
+    let link = nobodys_dir(t.path(), "app-0").join("control.sock");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let r = client(&link, &["reload"], &[], Duration::from_secs(10));
+    assert_eq!(r.code, Some(69), "believed through a link: {}", r.stderr);
 }
 
 #[test]

@@ -233,27 +233,33 @@ fn trust(s: &UnixStream, path: &Path, shown: &str) -> Result<(), (i32, String)> 
 
 /// True when the socket and its directory belong to `uid` and every directory above is
 /// root's and not writable by others: only root (systemd's `RuntimeDirectory=`) could
-/// have made that directory that user's.
+/// have made that directory that user's. No component may be a symbolic link (a link
+/// planted in a directory anyone can write would otherwise lend its target's standing).
 fn handed_out_by_root(path: &Path, uid: u32) -> bool {
-    let Ok(real) = std::fs::canonicalize(path) else {
-        return false;
-    };
-    let Some(dir) = real.parent() else {
-        return false;
-    };
-    let owned = |p: &Path| {
-        std::fs::symlink_metadata(p)
-            .map(|m| m.uid() == uid)
-            .unwrap_or(false)
-    };
-    if !owned(&real) || !owned(dir) {
+    let plain = path.is_absolute()
+        && !path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir));
+    if !plain {
         return false;
     }
-    dir.ancestors().skip(1).all(|a| {
-        std::fs::symlink_metadata(a)
-            .map(|m| m.uid() == 0 && m.mode() & 0o022 == 0)
-            .unwrap_or(false)
-    })
+    let lstat = |p: &Path| std::fs::symlink_metadata(p).ok();
+    let Some(sock) = lstat(path) else {
+        return false;
+    };
+    if !sock.file_type().is_socket() || sock.uid() != uid {
+        return false;
+    }
+    let Some(dir) = path.parent() else {
+        return false;
+    };
+    match lstat(dir) {
+        Some(m) if m.is_dir() && m.uid() == uid && m.mode() & 0o022 == 0 => {}
+        _ => return false,
+    }
+    dir.ancestors()
+        .skip(1)
+        .all(|a| lstat(a).is_some_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0))
 }
 
 enum ReadError {
