@@ -693,3 +693,48 @@ fn socket_is_0600_even_with_an_open_umask() {
     let _ = child.wait();
     assert_eq!(modes, Some((0o600, 0o700)));
 }
+
+/// Without `--control-socket`, the client finds the master at the service's path before
+/// the by-hand ones: here `$RUNTIME_DIRECTORY` (the unit's, as `ExecReload=` sees it) wins
+/// over a stale socket at `$XDG_RUNTIME_DIR/app`. (`/run/app/control.sock`, which wins for
+/// `sudo app status`, cannot be planted on a shared test machine.) The master, for its part,
+/// makes its default directory 0700.
+#[test]
+fn client_prefers_the_service_path_to_a_stale_by_hand_one() {
+    let run = tempfile::tempdir().unwrap();
+    chmod(run.path(), 0o700); // as systemd's RuntimeDirectoryMode=0700 makes it
+    let xdg = tempfile::tempdir().unwrap();
+    let stale_dir = xdg.path().join("app");
+    std::fs::create_dir(&stale_dir).unwrap();
+    chmod(&stale_dir, 0o700);
+    drop(UnixListener::bind(stale_dir.join("control.sock")).unwrap());
+
+    let mut cmd = Command::new(app());
+    cmd.arg("serve")
+        .arg("--bind")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .args(["--workers", "1"])
+        .env_remove("APP_CONTROL_SOCKET")
+        .env("RUNTIME_DIRECTORY", run.path())
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let mut master = cmd.spawn().unwrap();
+    let sock = run.path().join("control.sock");
+    let up = wait_until(Duration::from_secs(5), || sock.exists().then_some(()));
+
+    let mut c = Command::new(app());
+    c.args(["status", "--json"])
+        .env_remove("APP_CONTROL_SOCKET")
+        .env("RUNTIME_DIRECTORY", run.path())
+        .env("XDG_RUNTIME_DIR", xdg.path());
+    let r = run_bounded(c, Duration::from_secs(10));
+    unsafe { libc::kill(-(master.id() as i32), libc::SIGKILL) };
+    let _ = master.wait();
+    assert!(up.is_some(), "the master never made its socket");
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["master_pid"], master.id());
+}
