@@ -49,6 +49,9 @@ pub struct ClientArgs {
     /// Control socket of the master [default: see README, "Control socket"].
     #[arg(long, env = "APP_CONTROL_SOCKET", value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Give up waiting for the master's reply after this long [default: 10s for status, 5m for reload].
+    #[arg(long, env = "APP_CONTROL_TIMEOUT", value_name = "DURATION", value_parser = control::parse_timeout)]
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// Parses the process's arguments; a usage error is one line and exit 64.
@@ -78,7 +81,7 @@ pub fn parse() -> Result<Cli, i32> {
 /// Asks the master; a refusal or an unreachable master is reported here, as one line with
 /// its exit code, so callers only handle the successful reply.
 fn ask(c: &ClientArgs, request: control::Request, what: &str) -> Result<control::Reply, i32> {
-    match control::call(c.control_socket.as_deref(), &request) {
+    match control::call(c.control_socket.as_deref(), c.timeout, &request) {
         Ok(r) if r.ok => Ok(r),
         Ok(r) => {
             eprintln!(

@@ -228,13 +228,11 @@ impl Master {
             sig(SignalKind::from_raw(libc::SIGTTOU)),
         );
         let (control_tx, mut control_rx) = mpsc::unbounded_channel();
-        match control::serve(&self.control_path, control_tx) {
-            Ok(()) => info!("control socket at {}", self.control_path.display()),
-            Err(e) => warn!(
-                "control socket {} unavailable ({e}); `app status` and `app reload` will not work, SIGHUP still reloads",
-                self.control_path.display()
-            ),
+        if let Err(f) = control::serve(&self.control_path, control_tx) {
+            eprintln!("app: {f}");
+            return f.code;
         }
+        info!("control socket at {}", self.control_path.display());
         for l in &self.listeners {
             info!("listening on {} (fd name {})", l.description, l.name);
         }
@@ -288,7 +286,7 @@ impl Master {
             self.advance_rollover(now);
             self.spawn_to_target(now);
             if let Some(code) = self.advance_stop(now) {
-                let _ = std::fs::remove_file(&self.control_path);
+                control::remove_own_socket();
                 return code;
             }
             self.report(now);

@@ -2,17 +2,24 @@
 //!
 //! A Unix stream socket, mode 0600 in a directory only its owner can enter, and every peer
 //! is checked with `SO_PEERCRED`: only the master's own uid and root get an answer. The
-//! protocol is one JSON line each way. A client that sends garbage gets an error reply; one
-//! that sends nothing, or too much, is dropped after [`REQUEST_TIMEOUT`] / [`MAX_REQUEST`];
-//! none of it reaches the master loop, which only ever sees well-formed requests.
+//! protocol is one JSON line each way. A client that sends garbage (including bytes that are
+//! not UTF-8) gets an error reply; one that sends nothing, or too much, is dropped after
+//! [`REQUEST_TIMEOUT`] / [`MAX_REQUEST`]; none of it reaches the master loop, which only ever
+//! sees well-formed requests.
 //!
 //! Where the socket lives: `control_socket` from the configuration if set, else
 //! `$RUNTIME_DIRECTORY/control.sock` (systemd's `RuntimeDirectory=app` gives
 //! `/run/app/control.sock`), else `$XDG_RUNTIME_DIR/app/control.sock`, else
-//! `/tmp/app-<uid>/control.sock`. The client looks in the same places, and also at
-//! `/run/app/control.sock`, so `app status` works from an operator's shell.
+//! `/tmp/app-<uid>/control.sock`. What the master checks before binding there, and what it
+//! removes at exit, is in [`place`]; how the client finds and checks the master is in
+//! [`client`].
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+mod client;
+mod place;
+
+pub use client::{call, parse_timeout};
+pub use place::remove_own_socket;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,7 +28,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::exit;
+use crate::exit::Fatal;
 
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_REQUEST: usize = 4096;
@@ -137,39 +144,16 @@ pub fn default_path() -> PathBuf {
     PathBuf::from(format!("/tmp/app-{}/control.sock", nix::unistd::geteuid()))
 }
 
-/// Where a client looks when not told: the server's default, else the unit's location.
-fn client_path() -> PathBuf {
-    let p = default_path();
-    let unit = PathBuf::from("/run/app/control.sock");
-    if !p.exists() && std::env::var_os("RUNTIME_DIRECTORY").is_none() && unit.exists() {
-        return unit;
-    }
-    p
-}
-
-/// Binds the socket and serves it until the runtime ends; requests go to `tx`.
-pub fn serve(path: &Path, tx: mpsc::UnboundedSender<Incoming>) -> std::io::Result<()> {
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    // A stale socket from a previous run would make bind fail; a live one means another
-    // master is running with the same path.
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("another master already answers on {}", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+/// Binds the socket (see [`place`] for what is refused: exit 78, one line) and serves it
+/// until the runtime ends; requests go to `tx`. Call [`remove_own_socket`] at exit.
+pub fn serve(path: &Path, tx: mpsc::UnboundedSender<Incoming>) -> Result<(), Fatal> {
+    // A default location is the master's own and must be 0700; a configured one may be
+    // readable by others (see `place`).
+    let listener = place::bind(path, path == default_path())?;
+    let listener = listener
+        .set_nonblocking(true)
+        .and_then(|()| UnixListener::from_std(listener))
+        .map_err(|e| Fatal::os(format!("control socket: {}: {e}", path.display())))?;
     let me = nix::unistd::geteuid().as_raw();
     tokio::spawn(async move {
         loop {
@@ -206,9 +190,9 @@ async fn handle_client(stream: UnixStream, me: u32, tx: mpsc::UnboundedSender<In
         .await;
         return;
     }
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64 + 1));
-    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
     let request = match read {
         Err(_) => {
             let _ = write_reply(&mut write, &Reply::error("timed out waiting for a request")).await;
@@ -219,7 +203,10 @@ async fn handle_client(stream: UnixStream, me: u32, tx: mpsc::UnboundedSender<In
             let _ = write_reply(&mut write, &Reply::error("request too long")).await;
             return;
         }
-        Ok(Ok(_)) => match parse_request(&line) {
+        Ok(Ok(_)) => match std::str::from_utf8(&line)
+            .map_err(|_| "bad request: not UTF-8".to_string())
+            .and_then(parse_request)
+        {
             Ok(r) => r,
             Err(e) => {
                 let _ = write_reply(&mut write, &Reply::error(e)).await;
@@ -274,41 +261,20 @@ async fn write_reply(
 
 // ---- client side -------------------------------------------------------------------------
 
-/// Sends one request and waits for the reply (no timeout: a reload may take as long as the
-/// drain). Errors are (exit code, message).
-pub fn call(path: Option<&Path>, request: &Request) -> Result<Reply, (i32, String)> {
-    use std::io::{BufRead, Write};
-    let path = path.map(Path::to_path_buf).unwrap_or_else(client_path);
-    let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
-        (
-            exit::UNAVAILABLE,
-            format!(
-                "cannot reach the master at {}: {e} (is the service running? see --control-socket)",
-                path.display()
-            ),
-        )
-    })?;
-    let mut line = serde_json::to_string(request).expect("requests serialise");
-    line.push('\n');
-    // A master that refuses us may answer and close before our request is written; its
-    // answer says why, so read it even when the write failed.
-    let written = stream.write_all(line.as_bytes());
-    let mut reply = String::new();
-    let read = std::io::BufReader::new(&stream).read_line(&mut reply);
-    if reply.is_empty() {
-        let why = match (written, read) {
-            (Err(e), _) => format!("control socket write failed: {e}"),
-            (_, Err(e)) => format!("control socket read failed: {e}"),
-            _ => "the master closed the connection without a reply".into(),
-        };
-        return Err((exit::UNAVAILABLE, why));
+/// `s` with every control character (C0, DEL, C1) and bidirectional override escaped as
+/// `\u{..}`, so text from a socket cannot drive the terminal it is printed on.
+pub fn printable(s: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let bidi = matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
     }
-    serde_json::from_str(&reply).map_err(|e| {
-        (
-            exit::SOFTWARE,
-            format!("unreadable reply from the master: {e}"),
-        )
-    })
+    out
 }
 
 /// `app status` as a table.
@@ -406,5 +372,16 @@ mod tests {
         ] {
             assert!(parse_request(junk).is_err(), "{junk:?}");
         }
+    }
+
+    #[test]
+    fn printable_escapes_control_and_bidi_characters() {
+        assert_eq!(printable("ok: reloaded"), "ok: reloaded");
+        assert_eq!(printable("\u{1b}[31mred\n"), "\\u{1b}[31mred\\u{a}");
+        assert_eq!(
+            printable("a\u{9b}b\u{7f}\u{202e}"),
+            "a\\u{9b}b\\u{7f}\\u{202e}"
+        );
+        assert_eq!(printable("généré"), "généré");
     }
 }
