@@ -452,15 +452,10 @@ fn websocket_survives_the_drain_grace_of_a_reload_then_is_closed() {
         let t_echoed = t0.elapsed();
         assert!(alive(old), "old worker gone before the grace ended");
         // Then the server closes it: a close frame, the end of the stream, or an error.
-        let ended = tokio::time::timeout(drain + Duration::from_secs(2), async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                    Some(Ok(other)) => panic!("unexpected message {other:?}"),
-                }
-            }
-        })
-        .await;
+        let ended = tokio::time::timeout(drain + Duration::from_secs(2), ws.next()).await;
+        if let Ok(Some(Ok(m))) = &ended {
+            assert!(m.is_close(), "unexpected message {m:?}");
+        }
         let t_closed = t0.elapsed();
         assert!(ended.is_ok(), "WebSocket still open after {t_closed:?}");
         let gone = wait_until(drain + Duration::from_secs(2), || {
@@ -579,6 +574,50 @@ fn hundred_concurrent_streams_on_one_http2_connection() {
     // would take 30 s).
     assert!(workers.windows(2).all(|w| w[0] == w[1]), "{workers:?}");
     assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+}
+
+#[test]
+fn http2_request_bodies_are_echoed_and_limited() {
+    let srv = Server::start(Launch::default());
+    let port = srv.port;
+    runtime().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake::<
+            _,
+            _,
+            http_body_util::Full<Bytes>,
+        >(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .expect("HTTP/2 handshake");
+        tokio::spawn(conn);
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let post = |body: Vec<u8>| {
+            http::Request::post(format!("http://127.0.0.1:{port}/echo"))
+                .body(http_body_util::Full::new(Bytes::from(body)))
+                .unwrap()
+        };
+        let resp = tokio::time::timeout(Duration::from_secs(10), async {
+            let r = send.send_request(post(body.clone())).await.unwrap();
+            let status = r.status();
+            (status, r.into_body().collect().await.unwrap().to_bytes())
+        })
+        .await
+        .expect("echo within 10 s");
+        assert_eq!(resp.0, 200);
+        assert_eq!(&resp.1[..], &body[..], "echoed body differs");
+        // Above max_body_bytes (1 MiB by default): 413.
+        let big = vec![b'x'; 2 * 1024 * 1024];
+        let r = tokio::time::timeout(Duration::from_secs(10), send.send_request(post(big)))
+            .await
+            .expect("answer within 10 s");
+        match r {
+            Ok(r) => assert_eq!(r.status(), 413),
+            // A server may also reset the stream it refuses to read.
+            Err(e) => panic!("2 MiB body: no 413 but {e:?}"),
+        }
+    });
 }
 
 #[test]
@@ -819,8 +858,9 @@ fn local_state_serves_a_non_send_service_per_worker() {
 
 // ---- 6. a raw protocol on a second, named socket -------------------------------------------
 
-#[test]
-fn raw_tcp_handler_serves_the_socket_named_line() {
+/// `axum_state` under `systemd-socket-activate` with three sockets named `http`, `line` and
+/// `other`: `(server, line port, other port)`; the server's `port` is the `http` one.
+fn start_named_sockets(extra: &[&str]) -> (Server, u16, u16) {
     let dir = tempfile::tempdir().unwrap();
     let (p_http, p_line, p_other) = (free_port(), free_port(), free_port());
     let control = dir.path().join("control.sock");
@@ -833,8 +873,7 @@ fn raw_tcp_handler_serves_the_socket_named_line() {
         .arg(format!("--setenv=APP_CONTROL_SOCKET={}", control.display()))
         .arg(program("axum_state"))
         .arg("serve")
-        .arg("--workers")
-        .arg("2")
+        .args(extra)
         .env_remove("RUST_LOG")
         .env_remove("JOURNAL_STREAM")
         .stdin(Stdio::null())
@@ -843,7 +882,7 @@ fn raw_tcp_handler_serves_the_socket_named_line() {
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let child = cmd
         .spawn()
-        .expect("systemd-socket-activate is needed for this test");
+        .expect("systemd-socket-activate is needed for this test and could not be run");
     let srv = Server {
         child,
         port: p_http,
@@ -852,6 +891,27 @@ fn raw_tcp_handler_serves_the_socket_named_line() {
         log,
     };
     wait_answering(&srv, "/probe");
+    (srv, p_line, p_other)
+}
+
+/// A line-protocol client: sends `line`, returns the reply line.
+fn line_roundtrip(c: &mut BufReader<TcpStream>, line: &str) -> std::io::Result<String> {
+    c.get_mut().write_all(format!("{line}\n").as_bytes())?;
+    let mut reply = String::new();
+    c.read_line(&mut reply)?;
+    Ok(reply)
+}
+
+fn line_client(port: u16) -> BufReader<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    BufReader::new(s)
+}
+
+#[test]
+fn raw_tcp_handler_serves_the_socket_named_line() {
+    let (srv, p_line, p_other) = start_named_sockets(&["--workers", "2"]);
+    let p_http = srv.port;
 
     // HTTP on the first socket.
     let r = get(p_http, "/hit").unwrap();
@@ -914,6 +974,83 @@ fn raw_tcp_handler_serves_the_socket_named_line() {
     let r = get(p_other, "/hit").unwrap();
     assert_eq!(r.status, 200);
     assert!(r.body.starts_with("worker "), "{r:?}");
+}
+
+#[test]
+fn raw_connection_is_served_through_the_drain_grace_of_a_reload() {
+    let drain = Duration::from_secs(1);
+    let (srv, p_line, _) = start_named_sockets(&["--workers", "1", "--drain-timeout", "1s"]);
+    let old = pids(&srv)[0];
+    let mut c = line_client(p_line);
+    assert_eq!(line_roundtrip(&mut c, "one").unwrap(), "worker 0: one\n");
+    let t0 = Instant::now();
+    let control = srv.control.clone();
+    let reloader = std::thread::spawn(move || {
+        let out = Command::new(APP)
+            .args(["reload", "--control-socket"])
+            .arg(&control)
+            .output()
+            .unwrap();
+        (out, t0.elapsed())
+    });
+    let draining = wait_until(Duration::from_secs(5), || {
+        srv.workers()
+            .iter()
+            .any(|w| w.1 == old && w.4 == "draining")
+            .then_some(())
+    });
+    assert!(draining.is_some(), "{:?}", srv.workers());
+    // The draining worker still serves the connection it holds...
+    assert_eq!(line_roundtrip(&mut c, "two").unwrap(), "worker 0: two\n");
+    let t_echoed = t0.elapsed();
+    // ...new connections go to the new generation...
+    let mut fresh = line_client(p_line);
+    assert_eq!(
+        line_roundtrip(&mut fresh, "new").unwrap(),
+        "worker 0: new\n"
+    );
+    // ...and at drain_timeout the old worker exits, closing it.
+    let mut rest = String::new();
+    let closed = c.read_line(&mut rest);
+    let t_closed = t0.elapsed();
+    // End of stream or a reset; not a read timeout, not more data.
+    let ended = match &closed {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    assert!(
+        ended,
+        "raw connection not closed: {closed:?} {rest:?} after {t_closed:?}"
+    );
+    let gone = wait_until(drain + Duration::from_secs(2), || {
+        (!alive(old)).then_some(())
+    });
+    assert!(gone.is_some(), "old worker {old} still alive");
+    let t_gone = t0.elapsed();
+    let (out, t_reloaded) = reloader.join().unwrap();
+    eprintln!(
+        "FIGURES raw connection during reload (drain_timeout 1s), ms after reload start: \
+         echoed {} closed {} old worker gone {} reload returned {}",
+        ms(t_echoed),
+        ms(t_closed),
+        ms(t_gone),
+        ms(t_reloaded)
+    );
+    assert!(out.status.success(), "{}", reload_output(&out));
+    assert!(t_gone <= drain + Duration::from_secs(1), "{t_gone:?}");
+    assert!(
+        t_closed >= Duration::from_millis(900),
+        "closed early: {t_closed:?}"
+    );
+    // The connection opened during the drain is the new generation's, and still served.
+    assert_eq!(
+        line_roundtrip(&mut fresh, "later").unwrap(),
+        "worker 0: later\n"
+    );
 }
 
 // ---- 7. bytes that are not HTTP ------------------------------------------------------------
