@@ -21,6 +21,7 @@ use crate::exit;
     about = "A systemd-native, socket-activated prefork service"
 )]
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -35,6 +36,7 @@ pub enum Command {
     Reload(ClientArgs),
     /// Show the running pool.
     Status {
+        /// How to reach the master.
         #[command(flatten)]
         client: ClientArgs,
         /// Print JSON instead of a table.

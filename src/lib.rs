@@ -42,6 +42,8 @@
 //! upgrades (WebSockets), `X-Worker`, request head/body/connection limits and timeouts, a
 //! 500 and a replacement worker for a panicking handler, and graceful drain.
 
+#![warn(missing_docs)]
+
 mod cli;
 mod config;
 mod control;
