@@ -2,6 +2,8 @@
 # scripts/bench.sh — load-test the prefork service with wrk and (with --compare) the
 # same load, in the same run, against nginx, Node.js cluster (rr and none) and PM2.
 # Run `scripts/bench.sh --help` for the options. Everything it starts is stopped on exit.
+# Unquoted pid lists are split on purpose; `A && B || true` is used as "B if A, never fail".
+# shellcheck disable=SC2086,SC2046,SC2015,SC2116
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,6 +35,12 @@ ONLY=""
 ACCEPT=""
 CONTROL_SOCKET=""
 KEEP_TMP=0
+H2=0
+H2_CONNS=16
+H2_STREAMS=16
+BASELINE_REV=""
+PAIR_RUNS=3
+PAIR_CONNS=64
 APP_ARGS=()
 ORIG_ARGS="$*"
 
@@ -51,7 +59,22 @@ and Jain's fairness index. Writes target/bench/results.json and target/bench/ben
 Options:
   --compare            also run nginx, Node cluster (NODE_CLUSTER_SCHED_POLICY=rr and none)
                        and PM2 cluster mode, same load, same worker count, interleaved
-                       run by run; prints ratios project/reference and the issue-6 targets
+                       run by run; prints ratios project/reference and the issue-6 targets;
+                       implies --h2 (unless --quick)
+  --h2                 HTTP/2 cleartext with prior knowledge (h2c): h2load (nghttp2-client)
+                       against the project and against a second nginx whose listener has
+                       `http2` (same config otherwise, same worker count), alternating
+                       app nginx app nginx, --runs runs each; medians and the ratio app/nginx
+  --h2-conns N         h2load clients (-c, default 16)
+  --h2-streams N       h2load concurrent streams per client (-m, default 16)
+  --baseline-rev REV   before/after: build REV's release binary in a git worktree under
+                       target/bench/baseline/ (its own target dir), start it the same way
+                       (`app serve --bind ... --workers N`) and run HTTP/1.1 keep-alive and
+                       `Connection: close` at --pair-conns, alternating current baseline,
+                       --runs runs each; medians of req/s and CPU us/req, ratio current/baseline
+                       against the issue's bound (neither may be more than 3 % worse)
+  --runs N             runs per server for --h2 and --baseline-rev (default 3)
+  --pair-conns N       wrk connections for --baseline-rev (default 64)
   --reload             during a load run, SIGHUP the master every second (nginx: SIGHUP,
                        Node cluster: SIGHUP -> rolling restart, PM2: `pm2 reload`); count failures
   --chaos              during a load run, SIGKILL a random worker every second; count failures
@@ -83,6 +106,7 @@ Examples:
   scripts/bench.sh --quick
   scripts/bench.sh --compare --json target/bench/compare.json
   scripts/bench.sh --compare --reload --chaos --conns 64
+  scripts/bench.sh --h2 --baseline-rev HEAD~1 --runs 5
 EOF
 }
 
@@ -92,6 +116,12 @@ die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
     case $1 in
     --compare) COMPARE=1 ;;
+    --h2) H2=1 ;;
+    --h2-conns) H2_CONNS=$2; shift ;;
+    --h2-streams) H2_STREAMS=$2; shift ;;
+    --baseline-rev) BASELINE_REV=$2; shift ;;
+    --runs) PAIR_RUNS=$2; shift ;;
+    --pair-conns) PAIR_CONNS=$2; shift ;;
     --reload) RELOAD=1 ;;
     --chaos) CHAOS=1 ;;
     --quick) QUICK=1 ;;
@@ -121,6 +151,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 
+[ "$COMPARE" = 1 ] && [ "$QUICK" = 0 ] && H2=1
 if [ "$QUICK" = 1 ]; then
     DURATION=3
     CONNS=64
@@ -131,7 +162,8 @@ fi
 IFS=, read -r -a CONN_LIST <<<"$CONNS"
 IFS=, read -r -a MODE_LIST <<<"$MODES"
 for m in "${MODE_LIST[@]}"; do case $m in ka | close) ;; *) die "--modes: ka and/or close, not '$m'" ;; esac; done
-for c in "${CONN_LIST[@]}" "$EVENT_CONNS" "$WORKERS" "$DURATION" "$EVENT_DURATION" "$WRK_THREADS"; do
+for c in "${CONN_LIST[@]}" "$EVENT_CONNS" "$WORKERS" "$DURATION" "$EVENT_DURATION" "$WRK_THREADS" \
+    "$H2_CONNS" "$H2_STREAMS" "$PAIR_RUNS" "$PAIR_CONNS"; do
     [[ $c =~ ^[0-9]+$ && $c -gt 0 ]] || die "not a positive integer: '$c'"
 done
 
@@ -141,14 +173,21 @@ mkdir -p "$OUT"
 RESULTS=$TMP/runs.jsonl
 EVENTS=$TMP/events.jsonl
 IDLE=$TMP/idle.jsonl
+H2RUNS=$TMP/h2.jsonl
+PAIRS=$TMP/pairs.jsonl
 : >"$RESULTS"
 : >"$EVENTS"
 : >"$IDLE"
+: >"$H2RUNS"
+: >"$PAIRS"
 
 # ---------------------------------------------------------------- servers' state
 SERVERS=()            # names, in run order
 declare -A S_KIND     # app | nginx | node | pm2 | url
 declare -A S_PORT S_URL S_PID S_DIR S_SOCK S_STATUS S_POLICY S_ACCEPT
+declare -A S_BIN      # app kind: the binary (the baseline's differs)
+declare -A S_H2       # 1: the server's listener speaks h2c only (nginx `listen ... http2`)
+declare -A S_NOSWEEP  # 1: not in the concurrency sweep / events (only in --h2 or --baseline-rev runs)
 USED_PORTS=()
 BG_PIDS=()
 
@@ -213,6 +252,8 @@ need curl curl
 need ss iproute2
 need ps procps
 if ! command -v gnuplot >/dev/null; then apt_install gnuplot-nox || log "gnuplot missing: no plot"; fi
+[ "$H2" = 1 ] && need h2load nghttp2-client
+[ -n "$BASELINE_REV" ] && need git git
 
 # ---------------------------------------------------------------- /proc helpers
 tree_pids() { # root and all its descendants, one per line
@@ -295,14 +336,15 @@ check_owner() { # every listener on the server's port must be in the tree we sta
 }
 
 wait_ready() { # wait for 200 on the server's URL while its root process lives
-    local name=$1 url=${S_URL[$1]} root=${S_PID[$1]} i code
+    local name=$1 url=${S_URL[$1]} root=${S_PID[$1]} i code copt=()
+    [ "${S_H2[$1]:-0}" = 1 ] && copt=(--http2-prior-knowledge)
     for i in $(seq 1 300); do
         if [ -n "$root" ] && ! kill -0 "$root" 2>/dev/null; then
             log "$name exited during startup; its log:"
             tail -n 30 "${S_DIR[$name]}/log" >&2 2>/dev/null || true
             die "$name did not start"
         fi
-        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null || true)
+        code=$(curl -s "${copt[@]}" -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null || true)
         if [ "$code" = 200 ]; then return 0; fi
         sleep 0.05
     done
@@ -311,8 +353,8 @@ wait_ready() { # wait for 200 on the server's URL while its root process lives
 }
 
 wait_workers() { # the tree must show the master plus N workers (nginx: N workers, pm2: N apps)
-    local name=$1 i n
-    for i in $(seq 1 100); do
+    local name=$1 n
+    for _ in $(seq 1 100); do
         n=$(child_pids "${S_PID[$name]}" | wc -l)
         [ "$n" -ge "$WORKERS" ] && return 0
         sleep 0.1
@@ -330,7 +372,7 @@ add_server() { # name kind
 
 APP_BIN=$TARGET_DIR/release/app
 start_app() {
-    local name=$1 dir=${S_DIR[$1]} port args=()
+    local name=$1 dir=${S_DIR[$1]} bin=${S_BIN[$1]:-$APP_BIN} port args=()
     if [ -n "$PORT" ] && [ "$name" = "${SERVERS[0]}" ]; then
         [ -z "$(ss -ltnH "sport = :$PORT")" ] || die "port $PORT is already in use: $(ss -ltnpH "sport = :$PORT")"
         port=$PORT
@@ -343,13 +385,13 @@ start_app() {
     S_URL[$name]=http://127.0.0.1:$port/
     S_SOCK[$name]=$dir/control.sock
     args=(serve --bind "127.0.0.1:$port" --workers "$WORKERS")
-    if "$APP_BIN" serve --help 2>&1 | grep -q -- '--control-socket'; then
+    if "$bin" serve --help 2>&1 | grep -q -- '--control-socket'; then
         args+=(--control-socket "$dir/control.sock")
     fi
     local envs=(RUNTIME_DIRECTORY="$dir" XDG_RUNTIME_DIR="$dir")
     [ -n "${S_ACCEPT[$name]:-}" ] && envs+=(APP_ACCEPT="${S_ACCEPT[$name]}")
-    log "$name: ${envs[*]} $APP_BIN ${args[*]} ${APP_ARGS[*]}"
-    (cd "$dir" && exec env -u NOTIFY_SOCKET -u LISTEN_FDS -u LISTEN_PID "${envs[@]}" "$APP_BIN" "${args[@]}" "${APP_ARGS[@]}") >"$dir/log" 2>&1 &
+    log "$name: ${envs[*]} $bin ${args[*]} ${APP_ARGS[*]}"
+    (cd "$dir" && exec env -u NOTIFY_SOCKET -u LISTEN_FDS -u LISTEN_PID "${envs[@]}" "$bin" "${args[@]}" "${APP_ARGS[@]}") >"$dir/log" 2>&1 &
     S_PID[$name]=$!
 }
 
@@ -359,7 +401,9 @@ start_nginx() {
     S_PORT[$name]=$PICKED
     S_URL[$name]=http://127.0.0.1:$PICKED/
     mkdir -p "$dir/logs"
-    sed -e "s|@PREFIX@|$dir|g" -e "s|@PORT@|$PICKED|g" -e "s|@WORKERS@|$WORKERS|g" \
+    local http2=""
+    [ "${S_H2[$name]:-0}" = 1 ] && http2=" http2" # nginx 1.22: a plain listener with http2 is h2c, prior knowledge only
+    sed -e "s|@PREFIX@|$dir|g" -e "s|@PORT@|$PICKED|g" -e "s|@WORKERS@|$WORKERS|g" -e "s|@HTTP2@|$http2|g" \
         "$HERE/nginx.conf.in" >"$dir/nginx.conf"
     log "$name: $NGINX -p $dir/ -c $dir/nginx.conf -e $dir/error.log -g 'daemon off;'"
     (cd "$dir" && exec "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log" -g 'daemon off;') >"$dir/log" 2>&1 &
@@ -390,9 +434,9 @@ start_pm2() {
 }
 
 status_json() { # per-worker requests of the project's server, [] when unavailable
-    local name=$1 sock=${S_SOCK[$1]:-}
-    [ -n "$sock" ] && [ -n "${APP_STATUS_BIN:-}" ] || { echo '[]'; return; }
-    "$APP_STATUS_BIN" status --json --control-socket "$sock" 2>/dev/null |
+    local name=$1 sock=${S_SOCK[$1]:-} bin=${S_BIN[$1]:-${APP_STATUS_BIN:-}}
+    [ -n "$sock" ] && [ -n "$bin" ] || { echo '[]'; return; }
+    "$bin" status --json --control-socket "$sock" 2>/dev/null |
         jq -c '[.workers[]? | {id: (.id|tostring), pid, requests}] | map(select(.requests != null))' 2>/dev/null || echo '[]'
 }
 
@@ -468,7 +512,63 @@ if [ "$COMPARE" = 1 ]; then
         log "node unavailable: Node cluster and PM2 skipped"
     fi
 fi
+CUR=""                # the project's server that --h2 and --baseline-rev measure
+for n in "${SERVERS[@]}"; do
+    if [ "${S_KIND[$n]}" = app ] || [ "${S_KIND[$n]}" = url ]; then CUR=$n; break; fi
+done
+
+if [ "$H2" = 1 ]; then
+    [ -n "$CUR" ] || die "--h2: no project server to bench (check --only)"
+    if want nginx || want nginx-h2; then
+        NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+        [ -x "$NGINX" ] || apt_install nginx-light || apt_install nginx || true
+        NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+        if [ -x "$NGINX" ] && "$NGINX" -V 2>&1 | grep -q -- '--with-http_v2_module'; then
+            add_server nginx-h2 nginx
+            S_H2[nginx-h2]=1
+            S_NOSWEEP[nginx-h2]=1
+        else
+            log "nginx with http_v2 unavailable: --h2 runs the project only"
+        fi
+    fi
+fi
+
+BASE_SHA=""
+BASE_SUBJECT=""
+BASE_BIN=""
+build_baseline() { # git worktree of REV under target/bench/baseline/SHA, its own target dir
+    local wt log
+    BASE_SHA=$(cd "$ROOT" && git rev-parse --verify --quiet "$BASELINE_REV^{commit}") ||
+        die "--baseline-rev: '$BASELINE_REV' is not a commit of $ROOT"
+    BASE_SUBJECT=$(cd "$ROOT" && git log -1 --format=%s "$BASE_SHA")
+    wt=$TARGET_DIR/bench/baseline/$BASE_SHA
+    log=$TARGET_DIR/bench/baseline/build-$BASE_SHA.log
+    mkdir -p "$TARGET_DIR/bench/baseline"
+    if [ "$(git -C "$wt" rev-parse HEAD 2>/dev/null || true)" != "$BASE_SHA" ]; then
+        (cd "$ROOT" && git worktree prune) || true
+        rm -rf "$wt"
+        log "git worktree add --detach $wt $BASE_SHA"
+        (cd "$ROOT" && git worktree add --detach "$wt" "$BASE_SHA") >&2 || die "git worktree add failed"
+    fi
+    if [ "$BUILD" = 1 ] || [ ! -x "$wt/target/release/app" ]; then
+        log "baseline $BASELINE_REV (${BASE_SHA:0:12}): cargo build --release in $wt (log: $log)"
+        (cd "$wt" && env -u CARGO_TARGET_DIR cargo build --release) >"$log" 2>&1 ||
+            { tail -n 30 "$log" >&2; die "baseline build failed"; }
+    fi
+    BASE_BIN=$wt/target/release/app
+    [ -x "$BASE_BIN" ] || die "$BASE_BIN not found"
+    if cmp -s "$BASE_BIN" "${S_BIN[$CUR]:-$APP_BIN}"; then log "warning: the baseline binary is identical to the current one"; fi
+}
+if [ -n "$BASELINE_REV" ]; then
+    [ -n "$CUR" ] || die "--baseline-rev: no project server to compare (check --only)"
+    build_baseline
+    add_server baseline app
+    S_BIN[baseline]=$BASE_BIN
+    S_NOSWEEP[baseline]=1
+fi
 [ "${#SERVERS[@]}" -gt 0 ] || die "no server to bench"
+SWEEP=()
+for n in "${SERVERS[@]}"; do [ "${S_NOSWEEP[$n]:-0}" = 1 ] || SWEEP+=("$n"); done
 
 # ---------------------------------------------------------------- start them all
 for n in "${SERVERS[@]}"; do
@@ -539,7 +639,7 @@ event_loop() { # do_event every second while wrk runs; prints the number of even
 
 run_load() { # name mode conns duration [event] -> appends a JSON object to RESULTS or EVENTS
     local name=$1 mode=$2 conns=$3 dur=$4 event=${5:-} root=${S_PID[$1]:-} url=${S_URL[$1]}
-    local threads=$WRK_THREADS base=$TMP/$1.$2.$3${5:+.$5}
+    local threads=$WRK_THREADS base=$TMP/$1.$2.$3${5:+.$5}${RUN_REP:+.r$RUN_REP}
     local hdr=() t0=null t1=null w0='{}' w1='{}' s0='[]' s1='[]' memf=$base.mem xwf=$base.xw evf=$base.ev
     local bgs=() wrkjson rc=0 pids
     [ "$threads" -le "$conns" ] || threads=$conns
@@ -556,7 +656,7 @@ run_load() { # name mode conns duration [event] -> appends a JSON object to RESU
     fi
     if [ "${S_STATUS[$name]:-0}" = 1 ]; then
         s0=$(status_json "$name")
-    elif [ "${S_KIND[$name]}" = app ] && [ -z "$event" ]; then
+    elif [ "${S_KIND[$name]}" = app ] && [ -z "$event" ] && [ -z "${RUN_REP:-}" ]; then
         (sleep "$(awk -v d="$dur" 'BEGIN { print d * 0.3 }')" && xworker_sample "$url" >"$xwf") &
         bgs+=($!)
     fi
@@ -581,14 +681,14 @@ run_load() { # name mode conns duration [event] -> appends a JSON object to RESU
         sed 's/^/    /' "$base.wrk" >&2
         wrkjson='{"requests":0,"duration_us":1,"err_connect":0,"err_read":0,"err_write":0,"err_timeout":0,"err_status":0}'
     fi
-    local alive=true outf=$RESULTS
+    local alive=true outf=${RUN_OUT:-$RESULTS}
     [ -n "$event" ] && outf=$EVENTS
     [ -z "$root" ] || kill -0 "$root" 2>/dev/null || alive=false
     jq -cn --arg server "$name" --arg mode "$mode" --argjson conns "$conns" --argjson threads "$threads" \
         --argjson dur "$dur" --arg event "$event" --argjson w "$wrkjson" --argjson t0 "$t0" --argjson t1 "$t1" \
         --argjson clk "$CLK_TCK" --argjson w0 "$w0" --argjson w1 "$w1" --argjson s0 "$s0" --argjson s1 "$s1" \
         --argjson mem "$(cat "$memf")" --argjson xw "$(cat "$xwf")" --argjson events "$(cat "$evf")" \
-        --argjson alive "$alive" --argjson nworkers "$( [ -n "$root" ] && child_pids "$root" | wc -l || echo null)" '
+        --argjson alive "$alive" --argjson rep "${RUN_REP:-null}" --argjson nworkers "$( [ -n "$root" ] && child_pids "$root" | wc -l || echo null)" '
         def jain: if length == 0 then null else (add) as $s | (map(. * .) | add) as $q
                   | if $q == 0 then null else ($s * $s) / (length * $q) end end;
         ($w.err_connect + $w.err_read + $w.err_write + $w.err_timeout) as $sock
@@ -603,6 +703,7 @@ run_load() { # name mode conns duration [event] -> appends a JSON object to RESU
            else {src: null, counts: []} end) as $fr
         | ([$w1 | to_entries[] | select($w0[.key] != null) | .value - $w0[.key]]) as $wcpu
         | {server: $server, mode: $mode, keepalive: ($mode == "ka"), conns: $conns, wrk_threads: $threads,
+           rep: $rep,
            duration_s: ($w.duration_us / 1e6), event: (if $event == "" then null else $event end), events: $events,
            requests: $w.requests, rps: $rps,
            p50_ms: (if $w.lat_p50_us then $w.lat_p50_us / 1000 else null end),
@@ -624,20 +725,106 @@ run_load() { # name mode conns duration [event] -> appends a JSON object to RESU
 }
 
 # ---------------------------------------------------------------- the runs
-log "servers: ${SERVERS[*]}; workers $WORKERS; ${DURATION}s per run; conns ${CONNS}; modes ${MODES}"
+log "servers: ${SWEEP[*]}; workers $WORKERS; ${DURATION}s per run; conns ${CONNS}; modes ${MODES}"
 for mode in "${MODE_LIST[@]}"; do
     for c in "${CONN_LIST[@]}"; do
-        for n in "${SERVERS[@]}"; do # interleaved: every server sees the same moment's noise
+        for n in "${SWEEP[@]}"; do # interleaved: every server sees the same moment's noise
             run_load "$n" "$mode" "$c" "$DURATION"
             sleep 0.5
         done
     done
 done
+# ---------------------------------------------------------------- --h2: h2load, alternating
+h2_time_ms() { # h2load's "123us" / "4.56ms" / "1.2s" -> ms
+    awk -v v="$1" 'BEGIN { if (v ~ /us$/) m = v / 1000; else if (v ~ /ms$/) m = v + 0; else if (v ~ /s$/) m = v * 1000; else m = -1
+        if (m < 0) print "null"; else printf "%.4f\n", m }'
+}
+run_h2() { # name rep -> appends a JSON object to H2RUNS
+    local name=$1 rep=$2 root=${S_PID[$1]:-} url=${S_URL[$1]} t0=null t1=null pids out rc=0
+    local threads=$WRK_THREADS
+    [ "$threads" -le "$H2_CONNS" ] || threads=$H2_CONNS
+    out=$TMP/$name.h2.r$rep.out
+    if [ -n "$root" ]; then pids=$(tree_pids "$root"); t0=$(cpu_ticks $pids); fi
+    # duration-based, no warm-up inside the measured run (run_h2_warm does that), so the
+    # server's CPU delta and the request count cover the same interval
+    h2load -t "$threads" -c "$H2_CONNS" -m "$H2_STREAMS" -D "$DURATION" "$url" >"$out" 2>&1 || rc=$?
+    if [ -n "$root" ]; then pids=$(tree_pids "$root"); t1=$(cpu_ticks $pids); fi
+    local fin reqs codes tfr proto secs rps total ndone ok failed errored timeout mean sd max
+    fin=$(grep -m1 '^finished in' "$out" || true)     # finished in 5.00s, 97260.40 req/s, 3.62MB/s
+    reqs=$(grep -m1 '^requests:' "$out" || true)      # requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout
+    codes=$(grep -m1 '^status codes:' "$out" || true) # status codes: N 2xx, N 3xx, N 4xx, N 5xx
+    tfr=$(grep -m1 '^time for request:' "$out" || true)
+    proto=$(sed -n 's/^Application protocol: *//p' "$out" | head -n 1)
+    if [ -z "$fin" ] || [ -z "$reqs" ]; then
+        log "$name h2 run $rep: h2load failed (rc $rc):"
+        sed 's/^/    /' "$out" >&2
+        fin="finished in 1s, 0 req/s, 0B/s"
+        reqs="requests: 0 total, 0 started, 0 done, 0 succeeded, 0 failed, 0 errored, 0 timeout"
+    fi
+    secs=$(awk '{ v = $3; sub(/s,$/, "", v); print v + 0 }' <<<"$fin")
+    rps=$(awk '{ print $4 + 0 }' <<<"$fin")
+    read -r total ndone ok failed errored timeout < <(awk -F'[:,] *' '{ for (i = 2; i <= NF; i++) { split($i, a, " "); v[a[2]] = a[1] + 0 }
+        print v["total"] + 0, v["done"] + 0, v["succeeded"] + 0, v["failed"] + 0, v["errored"] + 0, v["timeout"] + 0 }' <<<"$reqs")
+    local c2=0 c3=0 c4=0 c5=0
+    [ -n "$codes" ] && read -r c2 c3 c4 c5 < <(awk -F'[:,] *' '{ print $2 + 0, $3 + 0, $4 + 0, $5 + 0 }' <<<"$codes")
+    mean=null sd=null max=null
+    if [ -n "$tfr" ]; then # time for request: min max mean sd +/-sd
+        read -r _ _ _ _ max mean sd _ <<<"$tfr"
+        max=$(h2_time_ms "$max"); mean=$(h2_time_ms "$mean"); sd=$(h2_time_ms "$sd")
+    fi
+    jq -cn --arg server "$name" --argjson rep "$rep" --arg proto "$proto" --argjson secs "$secs" --argjson rps "$rps" \
+        --argjson total "$total" --argjson done "$ndone" --argjson ok "$ok" --argjson failed "$failed" \
+        --argjson errored "$errored" --argjson timeout "$timeout" --argjson c2 "$c2" --argjson c3 "$c3" \
+        --argjson c4 "$c4" --argjson c5 "$c5" --argjson mean "$mean" --argjson sd "$sd" --argjson max "$max" \
+        --argjson t0 "$t0" --argjson t1 "$t1" --argjson clk "$CLK_TCK" \
+        --argjson conns "$H2_CONNS" --argjson streams "$H2_STREAMS" --argjson threads "$threads" '
+        {server: $server, rep: $rep, protocol: $proto, conns: $conns, streams: $streams, h2load_threads: $threads,
+         duration_s: $secs, requests: $done, succeeded: $ok, rps: $rps,
+         failed: $failed, errored: $errored, timeout: $timeout,
+         errors: ($failed + $errored + $timeout + $c3 + $c4 + $c5), status: {"2xx": $c2, "3xx": $c3, "4xx": $c4, "5xx": $c5},
+         mean_ms: $mean, sd_ms: $sd, max_ms: $max,
+         cpu_s: (if $t0 != null and $t1 != null then ($t1 - $t0) / $clk else null end),
+         cpu_us_per_req: (if $t0 != null and $t1 != null and $done > 0 then ($t1 - $t0) / $clk * 1e6 / $done else null end)}' >>"$H2RUNS"
+    log "$(tail -n 1 "$H2RUNS" | jq -r '"\(.server) h2 run \(.rep) (\(.protocol)): \(.rps | floor) req/s, mean \(.mean_ms) ms, errors \(.errors), cpu \(.cpu_us_per_req // "-" | if type == "number" then (. * 10 | round / 10 | tostring) else . end) us/req"')"
+}
+run_h2_warm() { # 1 s untimed h2 load, so the first measured run is not a cold one
+    h2load -t 1 -c "$H2_CONNS" -m "$H2_STREAMS" -D 1 "${S_URL[$1]}" >"$TMP/$1.h2.warm" 2>&1 ||
+        { log "$1: h2load warm-up failed:"; sed 's/^/    /' "$TMP/$1.h2.warm" >&2; }
+}
+if [ "$H2" = 1 ]; then
+    H2_SERVERS=("$CUR")
+    [ -n "${S_KIND[nginx-h2]:-}" ] && H2_SERVERS+=(nginx-h2)
+    log "--h2: ${H2_SERVERS[*]}; h2load -c $H2_CONNS -m $H2_STREAMS -D $DURATION, $PAIR_RUNS runs each, alternating"
+    for n in "${H2_SERVERS[@]}"; do run_h2_warm "$n"; done
+    for r in $(seq 1 "$PAIR_RUNS"); do
+        for n in "${H2_SERVERS[@]}"; do
+            run_h2 "$n" "$r"
+            sleep 0.5
+        done
+    done
+fi
+
+# ---------------------------------------------------------------- --baseline-rev: before/after
+if [ -n "$BASELINE_REV" ]; then
+    log "--baseline-rev $BASELINE_REV (${BASE_SHA:0:12}): $CUR vs baseline, c=$PAIR_CONNS, ka and close, $PAIR_RUNS runs each, alternating"
+    for n in "$CUR" baseline; do # warm both the same way: 1 s of keep-alive load
+        wrk -t"$WRK_THREADS" -c"$PAIR_CONNS" -d1s "${S_URL[$n]}" >/dev/null 2>&1 || true
+    done
+    for r in $(seq 1 "$PAIR_RUNS"); do
+        for mode in ka close; do
+            for n in "$CUR" baseline; do
+                RUN_OUT=$PAIRS RUN_REP=$r run_load "$n" "$mode" "$PAIR_CONNS" "$DURATION"
+                sleep 0.5
+            done
+        done
+    done
+fi
+
 for ev in reload chaos; do
     [ "$ev" = reload ] && [ "$RELOAD" = 0 ] && continue
     [ "$ev" = chaos ] && [ "$CHAOS" = 0 ] && continue
     for mode in "${MODE_LIST[@]}"; do
-        for n in "${SERVERS[@]}"; do
+        for n in "${SWEEP[@]}"; do
             [ -n "${S_PID[$n]:-}" ] || { log "$n: no pid, --$ev skipped"; continue; }
             run_load "$n" "$mode" "$EVENT_CONNS" "$EVENT_DURATION" "$ev"
             sleep 0.5
@@ -657,15 +844,23 @@ meta=$(jq -cn \
     --arg nginx "$( [ -n "${NGINX:-}" ] && "$NGINX" -v 2>&1 | sed 's|.*/||' || true)" \
     --arg node "$(command -v node >/dev/null && node --version || true)" \
     --arg pm2 "$( [ -n "${PM2:-}" ] && PM2_HOME=$TMP/pm2-version "$PM2" --version 2>/dev/null | tail -n 1 || true)" \
+    --arg h2load "$( [ "$H2" = 1 ] && h2load --version 2>/dev/null | awk '{ print $2; exit }' || true)" \
+    --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" \
     --argjson workers "$WORKERS" --argjson duration "$DURATION" --argjson threads "$WRK_THREADS" \
     --arg cmd "scripts/bench.sh $ORIG_ARGS" \
     '{date: $date, cpu: $cpu, nproc: $nproc, kernel: $kernel, memory: $mem, git: $git, workers: $workers,
-      command: $cmd, duration_s: $duration, wrk_threads: $threads, versions: {wrk: $wrk, nginx: $nginx, node: $node, pm2: $pm2}}')
+      command: $cmd, duration_s: $duration, wrk_threads: $threads, loadavg_at_end: $load,
+      versions: {wrk: $wrk, nginx: $nginx, node: $node, pm2: $pm2, h2load: $h2load}}')
 
 # ratios and targets are computed from the runs by one jq program
 REPORT=$OUT/results.json
-jq -n --argjson meta "$meta" --slurpfile idle "$IDLE" --slurpfile runs "$RESULTS" --slurpfile events "$EVENTS" '
+jq -n --argjson meta "$meta" --slurpfile idle "$IDLE" --slurpfile runs "$RESULTS" --slurpfile events "$EVENTS" \
+    --slurpfile h2runs "$H2RUNS" --slurpfile pairs "$PAIRS" --argjson h2on "$H2" \
+    --arg cur "$CUR" --arg brev "$BASELINE_REV" --arg bsha "$BASE_SHA" --arg bsubj "$BASE_SUBJECT" --arg bbin "$BASE_BIN" \
+    --argjson pconns "$PAIR_CONNS" --argjson nruns "$PAIR_RUNS" --argjson h2c "$H2_CONNS" --argjson h2m "$H2_STREAMS" '
     def r3: if . == null then null else (. * 1000 | round) / 1000 end;
+    def median: map(select(. != null)) | sort | length as $n
+        | if $n == 0 then null elif $n % 2 == 1 then .[($n - 1) / 2] else (.[$n / 2 - 1] + .[$n / 2]) / 2 end;
     def ratio($a; $b): if $a == null or $b == null or $b == 0 then null else ($a / $b) | r3 end;
     def find($s; $m; $c): first($runs[] | select(.server == $s and .mode == $m and .conns == $c)) // null;
     ($runs | map(.server) | unique) as $names
@@ -690,7 +885,38 @@ jq -n --argjson meta "$meta" --slurpfile idle "$IDLE" --slurpfile runs "$RESULTS
             {target: "fairness (Jain, requests) >= 0.95 (ka, 64)", value: ($k.fairness_req | r3), goal: ">= 0.95", ok: ($k.fairness_req | if . == null then null else . >= 0.95 end), note: $k.fairness_src},
             {target: "idle RSS master + \($id.workers) workers <= 8 MiB", value: (if $id.rss_kb then ($id.rss_kb / 1024 | r3) else null end), goal: "<= 8 MiB", ok: (if $id.rss_kb then $id.rss_kb <= 8192 else null end)}
           ) | . + {app: $a}]) as $targets
-    | {meta: $meta, idle: $idle, runs: $runs, events: $events, ratios: $ratios, targets: $targets}' >"$REPORT"
+    | (if $h2on == 1 then
+        ($h2runs | group_by(.server) | map({server: .[0].server, protocol: .[0].protocol, runs: length,
+            rps_median: (map(.rps) | median), rps_min: (map(.rps) | min), rps_max: (map(.rps) | max),
+            cpu_us_per_req_median: (map(.cpu_us_per_req) | median), mean_ms_median: (map(.mean_ms) | median),
+            errors: (map(.errors) | add)})) as $sum
+        | (first($sum[] | select(.server == $cur)) // null) as $a
+        | (first($sum[] | select(.server == "nginx-h2")) // null) as $n
+        | {params: {tool: "h2load", mode: "h2c prior knowledge", conns: $h2c, streams_per_conn: $h2m,
+                    duration_s: $meta.duration_s, runs_per_server: $nruns, order: "alternating"},
+           runs: $h2runs, summary: $sum,
+           ratio: {app: $cur, ref: "nginx-h2", rps: ratio($a.rps_median; $n.rps_median),
+                   cpu_us_per_req: ratio($a.cpu_us_per_req_median; $n.cpu_us_per_req_median)}}
+       else null end) as $h2
+    | (if $brev != "" then
+        ($pairs | group_by(.server, .mode) | map({server: .[0].server, mode: .[0].mode, conns: .[0].conns, runs: length,
+            rps_median: (map(.rps) | median), rps_min: (map(.rps) | min), rps_max: (map(.rps) | max),
+            cpu_us_per_req_median: (map(.cpu_us_per_req) | median), p99_ms_median: (map(.p99_ms) | median),
+            errors: (map(.errors) | add)})) as $sum
+        | {rev: $brev, sha: $bsha, subject: $bsubj, binary: $bbin, current: $cur, current_git: $meta.git,
+           params: {conns: $pconns, wrk_threads: $meta.wrk_threads, duration_s: $meta.duration_s, runs_per_server: $nruns, order: "alternating"},
+           runs: $pairs, summary: $sum,
+           ratios: [("ka", "close") as $m
+             | (first($sum[] | select(.server == $cur and .mode == $m)) // null) as $c
+             | (first($sum[] | select(.server == "baseline" and .mode == $m)) // null) as $b
+             | select($c != null and $b != null)
+             | ratio($c.rps_median; $b.rps_median) as $rr | ratio($c.cpu_us_per_req_median; $b.cpu_us_per_req_median) as $cr
+             | {mode: $m, conns: $pconns, rps: $rr, cpu_us_per_req: $cr,
+                rps_ok: (if $rr == null then null else $rr >= 0.97 end),
+                cpu_ok: (if $cr == null then null else $cr <= 1.03 end)}]}
+       else null end) as $base
+    | {meta: $meta, idle: $idle, runs: $runs, events: $events, ratios: $ratios, targets: $targets}
+      + (if $h2 != null then {h2: $h2} else {} end) + (if $base != null then {baseline: $base} else {} end)' >"$REPORT"
 [ -n "$JSON_OUT" ] && { mkdir -p "$(dirname "$JSON_OUT")"; cp "$REPORT" "$JSON_OUT"; }
 
 table() { # TSV on stdin -> aligned columns
@@ -728,6 +954,30 @@ table() { # TSV on stdin -> aligned columns
         jq -r '(["server", "event", "keep-alive", "conns", "events", "requests", "failed", "non-2xx", "connect", "read", "write", "timeout", "req/s", "workers after", "alive"] | @tsv),
             (.events[] | [.server, .event, (if .keepalive then "yes" else "no" end), .conns, .events, .requests, .errors, .err_status,
               .err_detail.connect, .err_detail.read, .err_detail.write, .err_detail.timeout, (.rps | floor), (.workers_after // "-"), .alive_after] | @tsv)' "$REPORT" | table
+    fi
+    if [ "$(jq '.h2 != null' "$REPORT")" = true ]; then
+        echo
+        jq -r '.h2.params | "-- HTTP/2 h2c (prior knowledge): h2load -c \(.conns) -m \(.streams_per_conn) -D \(.duration_s), \(.runs_per_server) runs per server, alternating; medians"' "$REPORT"
+        jq -r 'def f($d): if . == null then "-" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
+            (["server", "protocol", "runs", "req/s median", "min", "max", "mean ms", "CPU us/req", "errors", "req/s per run"] | @tsv),
+            (.h2.summary[] as $s | [$s.server, $s.protocol, $s.runs, ($s.rps_median | floor), ($s.rps_min | floor), ($s.rps_max | floor),
+              ($s.mean_ms_median | f(3)), ($s.cpu_us_per_req_median | f(2)), $s.errors,
+              ([.h2.runs[] | select(.server == $s.server) | .rps | floor | tostring] | join(" "))] | @tsv)' "$REPORT" | table
+        jq -r '.h2.ratio | "ratio \(.app)/nginx (h2): req/s \(.rps // "-"), CPU/req \(.cpu_us_per_req // "-")"' "$REPORT"
+    fi
+    if [ "$(jq '.baseline != null' "$REPORT")" = true ]; then
+        echo
+        jq -r '.baseline | "-- before/after: \(.current) (git \(.current_git)) vs baseline \(.rev) = \(.sha[0:12]) \"\(.subject)\"; wrk -c\(.params.conns) -t\(.params.wrk_threads), \(.params.duration_s) s, \(.params.runs_per_server) runs each, alternating; medians"' "$REPORT"
+        jq -r 'def f($d): if . == null then "-" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
+            (["server", "keep-alive", "conns", "runs", "req/s median", "min", "max", "CPU us/req", "p99 ms", "errors", "req/s per run"] | @tsv),
+            (.baseline.summary | sort_by(.mode != "ka", .server != .[0].server) | .[] as $s
+             | [$s.server, (if $s.mode == "ka" then "yes" else "no" end), $s.conns, $s.runs, ($s.rps_median | floor), ($s.rps_min | floor),
+                ($s.rps_max | floor), ($s.cpu_us_per_req_median | f(2)), ($s.p99_ms_median | f(3)), $s.errors,
+                ([.baseline.runs[]? | select(.server == $s.server and .mode == $s.mode) | .rps | floor | tostring] | join(" "))] | @tsv)' "$REPORT" | table
+        jq -r '(["current/baseline", "keep-alive", "req/s", "req/s >= 0.97", "CPU/req", "CPU/req <= 1.03"] | @tsv),
+            (.baseline.ratios[] | ["", (if .mode == "ka" then "yes" else "no" end), (.rps // "-"),
+              (if .rps_ok == null then "-" elif .rps_ok then "yes" else "NO" end), (.cpu_us_per_req // "-"),
+              (if .cpu_ok == null then "-" elif .cpu_ok then "yes" else "NO" end)] | @tsv)' "$REPORT" | table
     fi
     if [ "$(jq '[.targets[] | select(.value != null)] | length' "$REPORT")" -gt 0 ]; then
         echo

@@ -86,6 +86,9 @@ pub struct Server {
     /// Local address of each listening socket, to route handed-over connections.
     addresses: Vec<String>,
     limits: HttpLimits,
+    /// Connections served at once: `max_connections`, or fewer when the descriptor limit
+    /// would not hold them (see [`descriptor_budget`]).
+    conn_limit: usize,
     worker_header: HeaderValue,
     stats: Rc<Stats>,
     budget: Arc<BodyBudget>,
@@ -119,7 +122,15 @@ impl Server {
         let mut h2 = http2::Builder::new(LocalExec);
         h2.max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .max_concurrent_streams(256);
+        let conn_limit = limits.max_connections.min(descriptor_budget());
+        if conn_limit < limits.max_connections {
+            info!(
+                "serving at most {conn_limit} connections at once: the descriptor limit is lower than max_connections ({})",
+                limits.max_connections
+            );
+        }
         Ok(Server {
+            conn_limit,
             handlers,
             addresses: (0..setup.listeners.len())
                 .map(|i| crate::listen::describe(LISTEN_FDS_START + i as RawFd))
@@ -278,7 +289,7 @@ pub async fn accept_loop(
     server: Rc<Server>,
     mut shutdown: Shutdown,
 ) {
-    let permits = Arc::new(Semaphore::new(server.limits.max_connections));
+    let permits = Arc::new(Semaphore::new(server.conn_limit));
     let mut backoff = Duration::ZERO;
     let mut capped_logged = false;
     loop {
@@ -288,8 +299,8 @@ pub async fn accept_loop(
         if permits.available_permits() == 0 && !capped_logged {
             capped_logged = true;
             warn!(
-                "max_connections ({}) reached: not accepting until a connection closes",
-                server.limits.max_connections
+                "{} connections open (max_connections, or the descriptor limit): not accepting until one closes",
+                server.conn_limit
             );
         }
         let permit = tokio::select! {
@@ -385,7 +396,7 @@ pub async fn handoff_loop(channel: OwnedFd, server: Rc<Server>, mut shutdown: Sh
         return;
     };
     let raw = channel.get_ref().as_raw_fd();
-    let permits = Arc::new(Semaphore::new(server.limits.max_connections));
+    let permits = Arc::new(Semaphore::new(server.conn_limit));
     let for_conns = shutdown.clone();
     let take = |received: Result<Received, nix::errno::Errno>, permit| match received {
         Ok(Received::Conn { id, fd }) => {
@@ -453,6 +464,20 @@ struct SweptOnDrop(Rc<Stats>);
 impl Drop for SweptOnDrop {
     fn drop(&mut self) {
         self.0.handoff_pending.set(false);
+    }
+}
+
+/// Descriptors left for connections under `RLIMIT_NOFILE`, keeping some for the runtime,
+/// the channels and whatever the service opens. A round-robin worker must never reach the
+/// limit: a descriptor passed over `SCM_RIGHTS` into a full table is dropped by the kernel,
+/// and its client would wait until the master gave up on it.
+fn descriptor_budget() -> usize {
+    const RESERVE: u64 = 64;
+    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => {
+            usize::try_from(soft.saturating_sub(RESERVE).max(16)).unwrap_or(usize::MAX)
+        }
+        Err(_) => usize::MAX,
     }
 }
 
