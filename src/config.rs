@@ -73,6 +73,10 @@ pub struct HttpLimits {
     /// stops reading its responses).
     #[serde(with = "duration_ms")]
     pub send_timeout: Duration,
+    /// Log every request (method, path, status, bytes, duration) as the `access` target.
+    pub access_log: bool,
+    /// The fraction of requests the access log records, 0.0 to 1.0.
+    pub access_log_sample: f64,
 }
 
 /// Everything the master and its workers need, merged and validated.
@@ -206,6 +210,8 @@ struct FileHttp {
     min_body_rate: Option<SizeValue>,
     max_pending_body_bytes: Option<SizeValue>,
     send_timeout: Option<String>,
+    access_log: Option<bool>,
+    access_log_sample: Option<f64>,
 }
 
 /// A size written either as a number of bytes or as a string with a unit ("64KiB").
@@ -371,6 +377,8 @@ impl Config {
             },
             send_timeout: file_duration(&f.http.send_timeout, "http.send_timeout")?
                 .unwrap_or(Duration::from_secs(30)),
+            access_log: f.http.access_log.unwrap_or(false),
+            access_log_sample: f.http.access_log_sample.unwrap_or(1.0),
         };
         let max_memory = match (args.max_memory, &f.max_memory) {
             (Some(v), _) => v,
@@ -515,6 +523,14 @@ impl Config {
             format!(
                 "must be between 1 and 1000000 (got {})",
                 self.http.max_connections
+            ),
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.http.access_log_sample),
+            "http.access_log_sample",
+            format!(
+                "must be between 0.0 and 1.0 (got {})",
+                self.http.access_log_sample
             ),
         )?;
         check(

@@ -231,6 +231,13 @@ impl Server {
         }
     }
 
+    /// Whether this request goes to the access log.
+    fn sample_access(&self) -> bool {
+        self.limits.access_log
+            && (self.limits.access_log_sample >= 1.0
+                || fastrand::f64() < self.limits.access_log_sample)
+    }
+
     fn route_handed_over(&self, conn: &Stream) -> usize {
         if self.handlers.len() < 2 {
             return 0;
@@ -488,11 +495,45 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+/// One access-log entry, filled in as the response goes out and logged when it is done.
+struct Access {
+    method: http::Method,
+    /// The path only: queries often carry tokens, which have no place in a log.
+    path: String,
+    status: u16,
+    bytes: u64,
+    started: std::time::Instant,
+}
+
+impl Access {
+    fn log(&self) {
+        let took = self.started.elapsed();
+        // Fields become journald fields (HTTP_STATUS=500 filters), named apart from
+        // journald's own; the text is what plain `journalctl` and a terminal show.
+        info!(
+            target: "access",
+            http_method = %self.method,
+            http_path = %self.path,
+            http_status = self.status,
+            http_bytes = self.bytes,
+            http_duration_us = took.as_micros() as u64,
+            "{} {} {} {}B {:.3}ms",
+            self.method,
+            self.path,
+            self.status,
+            self.bytes,
+            took.as_secs_f64() * 1e3
+        );
+    }
+}
+
 /// A response body that tells the connection's clock when the response has been sent in
-/// full (or abandoned): the idle clock starts then, not when the handler returned.
+/// full (or abandoned): the idle clock starts then, not when the handler returned. It also
+/// completes the request's access-log entry, if it has one.
 struct Tracked {
     inner: ResponseBody,
     clock: Arc<ConnClock>,
+    access: Option<Box<Access>>,
 }
 
 impl http_body::Body for Tracked {
@@ -503,7 +544,13 @@ impl http_body::Body for Tracked {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Some(a), std::task::Poll::Ready(Some(Ok(frame)))) = (&mut self.access, &r)
+            && let Some(data) = frame.data_ref()
+        {
+            a.bytes += data.len() as u64;
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -518,6 +565,9 @@ impl http_body::Body for Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.clock.request_finished();
+        if let Some(a) = &self.access {
+            a.log();
+        }
     }
 }
 
@@ -544,15 +594,32 @@ async fn serve_http(
         let clock = clock.clone();
         let server = server.clone();
         let shutdown = shutdown.clone();
-        service_fn(move |req| {
+        service_fn(move |req: Request<Incoming>| {
             clock.request_started();
+            let access = server.sample_access().then(|| {
+                Box::new(Access {
+                    method: req.method().clone(),
+                    path: req.uri().path().to_string(),
+                    status: 0,
+                    bytes: 0,
+                    started: std::time::Instant::now(),
+                })
+            });
             let fut = server
                 .clone()
                 .handle(svc.clone(), req, shutdown.is_draining());
             let clock = clock.clone();
             async move {
                 let resp = fut.await;
-                Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, clock }))
+                let mut access = access;
+                if let Some(a) = &mut access {
+                    a.status = resp.status().as_u16();
+                }
+                Ok::<_, Infallible>(resp.map(|inner| Tracked {
+                    inner,
+                    clock,
+                    access,
+                }))
             }
         })
     };

@@ -110,8 +110,14 @@ async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
     };
     let setup = Rc::new(setup);
     set_process_name(setup.slot);
+    // The access log is asked for explicitly: a quieter `log_level` must not hide it.
+    let level = if setup.http.access_log {
+        format!("{},access=info", setup.log_level)
+    } else {
+        setup.log_level.clone()
+    };
     logging::init(
-        &setup.log_level,
+        &level,
         logging::Identity::Worker {
             id: setup.slot,
             pid: std::process::id(),
