@@ -93,6 +93,7 @@ Options:
   --threads N          wrk threads (default 2; never more than the connections)
   --accept LIST        run the project once per accept strategy (APP_ACCEPT=shared,round-robin)
   --only LIST          restrict to these servers: app,nginx,node-rr,node-none,pm2
+                       (nginx also covers the --h2 instance, nginx-h2)
   --app-arg ARG        extra argument for `app serve` (repeatable)
   --json FILE          also write the JSON results to FILE
   --png FILE           also copy the plot to FILE
@@ -193,7 +194,7 @@ BG_PIDS=()
 
 # ---------------------------------------------------------------- cleanup
 stop_server() {
-    local name=$1 root=${S_PID[$1]:-} kind=${S_KIND[$1]} i pids
+    local name=$1 root=${S_PID[$1]:-} kind=${S_KIND[$1]} pids
     [ -n "$root" ] || return 0
     case $kind in
     url) return 0 ;;
@@ -203,7 +204,7 @@ stop_server() {
     esac
     pids=$(tree_pids "$root")
     kill -TERM "$root" 2>/dev/null || true
-    for i in $(seq 1 50); do
+    for _ in $(seq 1 50); do
         kill -0 "$root" 2>/dev/null || break
         sleep 0.1
     done
@@ -305,12 +306,12 @@ mem_json() { # {"rss_kb":..,"pss_kb":..,"procs":..} summed over the tree of $1
 listener_pids() { ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u || true; }
 
 pick_port() { # sets PICKED to a port nobody listens on
-    local p i lo=32768 span
+    local p lo=32768 span
     # below the ephemeral range, so no client socket (wrk's, TIME_WAIT) can hold the port
     read -r lo _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
     span=$((lo - 20000))
     [ "$span" -ge 1000 ] || { lo=65000; span=$((lo - 61000)) && lo=65000; }
-    for i in $(seq 1 500); do
+    for _ in $(seq 1 500); do
         p=$((lo - 1 - RANDOM % span))
         [[ " ${USED_PORTS[*]} " == *" $p "* ]] && continue
         if [ -z "$(ss -tanH "sport = :$p" 2>/dev/null)" ]; then
@@ -336,9 +337,9 @@ check_owner() { # every listener on the server's port must be in the tree we sta
 }
 
 wait_ready() { # wait for 200 on the server's URL while its root process lives
-    local name=$1 url=${S_URL[$1]} root=${S_PID[$1]} i code copt=()
+    local name=$1 url=${S_URL[$1]} root=${S_PID[$1]} code copt=()
     [ "${S_H2[$1]:-0}" = 1 ] && copt=(--http2-prior-knowledge)
-    for i in $(seq 1 300); do
+    for _ in $(seq 1 300); do
         if [ -n "$root" ] && ! kill -0 "$root" 2>/dev/null; then
             log "$name exited during startup; its log:"
             tail -n 30 "${S_DIR[$name]}/log" >&2 2>/dev/null || true
@@ -773,18 +774,19 @@ run_h2() { # name rep -> appends a JSON object to H2RUNS
         max=$(h2_time_ms "$max"); mean=$(h2_time_ms "$mean"); sd=$(h2_time_ms "$sd")
     fi
     jq -cn --arg server "$name" --argjson rep "$rep" --arg proto "$proto" --argjson secs "$secs" --argjson rps "$rps" \
-        --argjson total "$total" --argjson done "$ndone" --argjson ok "$ok" --argjson failed "$failed" \
+        --argjson total "$total" --argjson ndone "$ndone" --argjson ok "$ok" --argjson failed "$failed" \
         --argjson errored "$errored" --argjson timeout "$timeout" --argjson c2 "$c2" --argjson c3 "$c3" \
         --argjson c4 "$c4" --argjson c5 "$c5" --argjson mean "$mean" --argjson sd "$sd" --argjson max "$max" \
         --argjson t0 "$t0" --argjson t1 "$t1" --argjson clk "$CLK_TCK" \
         --argjson conns "$H2_CONNS" --argjson streams "$H2_STREAMS" --argjson threads "$threads" '
         {server: $server, rep: $rep, protocol: $proto, conns: $conns, streams: $streams, h2load_threads: $threads,
-         duration_s: $secs, requests: $done, succeeded: $ok, rps: $rps,
+         duration_s: $secs, requests: $ndone, succeeded: $ok, rps: $rps,
          failed: $failed, errored: $errored, timeout: $timeout,
          errors: ($failed + $errored + $timeout + $c3 + $c4 + $c5), status: {"2xx": $c2, "3xx": $c3, "4xx": $c4, "5xx": $c5},
          mean_ms: $mean, sd_ms: $sd, max_ms: $max,
          cpu_s: (if $t0 != null and $t1 != null then ($t1 - $t0) / $clk else null end),
-         cpu_us_per_req: (if $t0 != null and $t1 != null and $done > 0 then ($t1 - $t0) / $clk * 1e6 / $done else null end)}' >>"$H2RUNS"
+         cpu_us_per_req: (if $t0 != null and $t1 != null and $ndone > 0 then ($t1 - $t0) / $clk * 1e6 / $ndone else null end)}' >>"$H2RUNS"
+    [ "$ok" -gt 0 ] || log "warning: $name h2 run $rep: no request succeeded (does the server speak h2c with prior knowledge?)"
     log "$(tail -n 1 "$H2RUNS" | jq -r '"\(.server) h2 run \(.rep) (\(.protocol)): \(.rps | floor) req/s, mean \(.mean_ms) ms, errors \(.errors), cpu \(.cpu_us_per_req // "-" | if type == "number" then (. * 10 | round / 10 | tostring) else . end) us/req"')"
 }
 run_h2_warm() { # 1 s untimed h2 load, so the first measured run is not a cold one
@@ -970,7 +972,7 @@ table() { # TSV on stdin -> aligned columns
         jq -r '.baseline | "-- before/after: \(.current) (git \(.current_git)) vs baseline \(.rev) = \(.sha[0:12]) \"\(.subject)\"; wrk -c\(.params.conns) -t\(.params.wrk_threads), \(.params.duration_s) s, \(.params.runs_per_server) runs each, alternating; medians"' "$REPORT"
         jq -r 'def f($d): if . == null then "-" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
             (["server", "keep-alive", "conns", "runs", "req/s median", "min", "max", "CPU us/req", "p99 ms", "errors", "req/s per run"] | @tsv),
-            (.baseline.summary | sort_by(.mode != "ka", .server != .[0].server) | .[] as $s
+            (.baseline.summary | sort_by(.mode != "ka", .server == "baseline") | .[] as $s
              | [$s.server, (if $s.mode == "ka" then "yes" else "no" end), $s.conns, $s.runs, ($s.rps_median | floor), ($s.rps_min | floor),
                 ($s.rps_max | floor), ($s.cpu_us_per_req_median | f(2)), ($s.p99_ms_median | f(3)), $s.errors,
                 ([.baseline.runs[]? | select(.server == $s.server and .mode == $s.mode) | .rps | floor | tostring] | join(" "))] | @tsv)' "$REPORT" | table

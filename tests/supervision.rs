@@ -57,7 +57,7 @@ fn killed_worker_is_replaced_on_its_cpu() {
         .find(|l| l.contains("exited unexpectedly"))
         .unwrap();
     assert!(
-        line.contains("slot=") && line.contains("pid=") && line.contains("after "),
+        line.contains("worker_id=") && line.contains("worker_pid=") && line.contains("after "),
         "{line}"
     );
     assert_eq!(srv.status().unwrap()["restarts_in_window"], 5);
@@ -133,9 +133,9 @@ fn panic_gets_500_replacement_starts_before_the_old_worker_drains() {
     assert!(wait_until(Duration::from_secs(3), || (!alive(old)).then_some(())).is_some());
     assert!(alive(new));
     let log = srv.log_text();
-    let leaving = log.find("worker is leaving").expect("leaving message");
+    let leaving = log.find(") is leaving").expect("leaving message");
     let started = log[leaving..]
-        .find("worker started")
+        .find(") started on CPU")
         .expect("replacement start")
         + leaving;
     let exited = log.find("retired: Leaving").expect("old worker exit");

@@ -23,6 +23,23 @@
 //! heartbeat clock restarts and deadlines move by the stall, instead of every worker being
 //! killed as hung the moment the loop resumes.
 
+/// A master log line about one worker: its slot and pid in the text (plain `journalctl`
+/// shows only the text), and `WORKER_ID`, `WORKER_PID` and `GENERATION` as journald fields,
+/// the same names the worker's own lines carry (`journalctl -u app WORKER_ID=1` shows both).
+macro_rules! about {
+    ($level:ident, $w:expr, $($arg:tt)+) => {
+        tracing::$level!(
+            worker_id = $w.slot,
+            worker_pid = $w.pid,
+            generation = $w.generation,
+            "worker {} (pid {}) {}",
+            $w.slot,
+            $w.pid,
+            format_args!($($arg)+)
+        )
+    };
+}
+
 pub mod budget;
 mod dispatch;
 pub mod memory;
@@ -320,10 +337,7 @@ impl Master {
                     && let Some(e) = error
                 {
                     // A worker speaking garbage cannot be trusted to be healthy.
-                    warn!(
-                        slot = w.slot,
-                        pid, "IPC protocol error from worker: {e}; killing it"
-                    );
+                    about!(warn, w, "sent an IPC protocol error: {e}; killing it");
                     w.kill(format!("IPC protocol error: {e}"));
                 }
             }
@@ -352,11 +366,10 @@ impl Master {
                     w.ready_at = Some(now);
                     w.last_pong = now;
                     let (slot, generation) = (w.slot, w.generation);
-                    info!(
-                        slot,
-                        pid,
-                        generation,
-                        "worker ready in {:.1} ms",
+                    about!(
+                        info,
+                        w,
+                        "ready in {:.1} ms",
                         now.duration_since(w.started).as_secs_f64() * 1e3
                     );
                     // A replacement is serving: the worker it replaces may now drain.
@@ -381,25 +394,20 @@ impl Master {
                 w.requests = requests;
                 w.connections = connections;
                 if w.request_limit > 0 && requests >= w.request_limit && w.retire.is_none() {
-                    info!(
-                        slot = w.slot,
-                        pid, "worker served {requests} requests (max_requests): recycling it"
+                    about!(
+                        info,
+                        w,
+                        "served {requests} requests (max_requests): recycling it"
                     );
                     w.retire = Some(Retire::Recycle(format!("served {requests} requests")));
                 }
             }
             ToMaster::Leaving { reason, planned } => {
                 if planned {
-                    info!(
-                        slot = w.slot,
-                        pid, "worker is leaving: {reason}; starting its replacement"
-                    );
+                    about!(info, w, "is leaving: {reason}; starting its replacement");
                     w.retire = Some(Retire::Recycle(reason));
                 } else {
-                    warn!(
-                        slot = w.slot,
-                        pid, "worker is leaving: {reason}; starting its replacement"
-                    );
+                    about!(warn, w, "is leaving: {reason}; starting its replacement");
                     w.retire = Some(Retire::Leaving(reason));
                 }
                 w.state = WorkerState::Draining {
@@ -504,21 +512,16 @@ impl Master {
             {
                 r.count_cut(w.generation, w.connections.max(1));
             }
-            info!(
-                slot = w.slot,
-                pid = w.pid,
-                generation = w.generation,
-                "worker exited ({cause}) after {:.1}s, retired: {retire:?}",
+            about!(
+                info,
+                w,
+                "exited ({cause}) after {:.1}s, retired: {retire:?}",
                 uptime.as_secs_f64()
             );
             return;
         }
         if matches!(self.phase, Phase::Stopping { .. }) {
-            info!(
-                slot = w.slot,
-                pid = w.pid,
-                "worker exited ({cause}) during shutdown"
-            );
+            about!(info, w, "exited ({cause}) during shutdown");
             return;
         }
         if let Phase::Rolling(r) = &mut self.phase
@@ -528,19 +531,11 @@ impl Master {
                 "new worker {} (pid {}) exited while starting: {cause}",
                 w.slot, w.pid
             ));
-            warn!(
-                slot = w.slot,
-                pid = w.pid,
-                "new-generation worker exited ({cause})"
-            );
+            about!(warn, w, "(new generation) exited ({cause})");
             return;
         }
         if w.generation != self.pool.generation {
-            info!(
-                slot = w.slot,
-                pid = w.pid,
-                "old-generation worker exited ({cause})"
-            );
+            about!(info, w, "(old generation) exited ({cause})");
             return;
         }
         let lived = if w.ready_at.is_some() {
@@ -548,11 +543,10 @@ impl Master {
         } else {
             Duration::ZERO
         };
-        warn!(
-            slot = w.slot,
-            pid = w.pid,
-            generation = w.generation,
-            "worker exited unexpectedly ({cause}) after {:.1}s{}; replacing it",
+        about!(
+            warn,
+            w,
+            "exited unexpectedly ({cause}) after {:.1}s{}; replacing it",
             uptime.as_secs_f64(),
             if w.ready_at.is_none() {
                 " while booting"
@@ -565,8 +559,9 @@ impl Master {
             let delay = slot.backoff.after_exit(lived, self.config.min_uptime);
             slot.next_start = now + delay;
             if !delay.is_zero() {
-                info!(
-                    slot = w.slot,
+                about!(
+                    info,
+                    w,
                     "restarting in {} ms (backoff)",
                     delay.as_millis()
                 );
@@ -621,10 +616,10 @@ impl Master {
             let silent = now.duration_since(w.last_pong.max(excused_at));
             match w.state {
                 WorkerState::Ready if silent > silence_limit => {
-                    warn!(
-                        slot = w.slot,
-                        pid = w.pid,
-                        "worker missed {misses} heartbeats (silent for {} ms): killing it",
+                    about!(
+                        warn,
+                        w,
+                        "missed {misses} heartbeats (silent for {} ms): killing it",
                         silent.as_millis()
                     );
                     w.kill(format!(
@@ -635,20 +630,16 @@ impl Master {
                 WorkerState::Starting
                     if now.duration_since(w.started.max(excused_at)) > ready_timeout =>
                 {
-                    warn!(
-                        slot = w.slot,
-                        pid = w.pid,
-                        "worker not ready after {ready_timeout:?}: killing it"
-                    );
+                    about!(warn, w, "not ready after {ready_timeout:?}: killing it");
                     w.kill(format!(
                         "not ready within ready_timeout ({ready_timeout:?})"
                     ));
                 }
                 WorkerState::Draining { deadline } if now > deadline => {
-                    warn!(
-                        slot = w.slot,
-                        pid = w.pid,
-                        "worker still draining at its deadline: killing it, cutting {} connection(s)",
+                    about!(
+                        warn,
+                        w,
+                        "still draining at its deadline: killing it, cutting {} connection(s)",
                         w.connections
                     );
                     w.kill(format!(
@@ -660,10 +651,10 @@ impl Master {
                 WorkerState::Draining { .. }
                     if silent > silence_limit && w.silent_while_draining() =>
                 {
-                    warn!(
-                        slot = w.slot,
-                        pid = w.pid,
-                        "draining worker missed {misses} heartbeats (silent for {} ms): killing it, cutting {} connection(s)",
+                    about!(
+                        warn,
+                        w,
+                        "missed {misses} heartbeats while draining (silent for {} ms): killing it, cutting {} connection(s)",
                         silent.as_millis(),
                         w.connections
                     );
@@ -725,10 +716,10 @@ impl Master {
             }
             if max > 0 && charged > max && w.retire.is_none() && w.state == WorkerState::Ready {
                 let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-                info!(
-                    slot = w.slot,
-                    pid = w.pid,
-                    "worker uses {:.1} MiB > max_memory {:.1} MiB: recycling it",
+                about!(
+                    info,
+                    w,
+                    "uses {:.1} MiB > max_memory {:.1} MiB: recycling it",
                     mib(charged),
                     mib(max)
                 );
@@ -876,7 +867,13 @@ impl Master {
                 board_index,
             },
         );
-        info!(slot, pid, generation, cpu, "worker started");
+        info!(
+            worker_id = slot,
+            worker_pid = pid,
+            generation,
+            cpu,
+            "worker {slot} (pid {pid}) started on CPU {cpu}, generation {generation}"
+        );
         Ok(pid)
     }
 

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::pool::Retire;
 use super::{Master, Phase};
@@ -96,10 +96,10 @@ impl Master {
         if now > *deadline && !*killed {
             *killed = true;
             for w in self.pool.workers.values_mut() {
-                warn!(
-                    slot = w.slot,
-                    pid = w.pid,
-                    "worker still busy at the shutdown deadline: killing it, cutting {} connection(s)",
+                about!(
+                    warn,
+                    w,
+                    "still busy at the shutdown deadline: killing it, cutting {} connection(s)",
                     w.connections
                 );
                 w.kill("shutdown timeout".into());
