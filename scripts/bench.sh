@@ -368,7 +368,7 @@ add_server() { # name kind
     SERVERS+=("$1")
     S_KIND[$1]=$2
     S_DIR[$1]=$TMP/$1
-    mkdir -p "$TMP/$1"
+    mkdir -m 700 "$TMP/$1" # the control socket's directory must be 0700 (app refuses 0755)
 }
 
 APP_BIN=$TARGET_DIR/release/app

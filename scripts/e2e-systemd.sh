@@ -15,7 +15,7 @@
 #   APP_BIN=PATH       binary to test (default: cargo build --release, then
 #                      target/release/app; E2E_BUILD=0 skips the build if it exists)
 #   E2E_CHECKS="..."   run only these checks (names: analyze activation sandboxing
-#                      journal reload reload-broken kill-worker watchdog restart stop)
+#                      journal reload reload-broken kill-worker access-log watchdog restart stop)
 #   E2E_ACCEPT=round-robin  run with this accept strategy (default: app.toml's)
 #   E2E_LOAD_RATE=100  requests/s of each of the 2 load clients (curl --rate)
 #   E2E_LIFETIME=900   hard limit (s) for the sandbox, in case everything else fails
@@ -38,7 +38,7 @@ STATE_PREFIX=app-e2e.
 LIFETIME=${E2E_LIFETIME:-900}
 LOAD_RATE=${E2E_LOAD_RATE:-100}
 VERBOSE=${E2E_VERBOSE:-0}
-ALL_CHECKS="analyze activation sandboxing journal reload reload-broken kill-worker watchdog restart stop"
+ALL_CHECKS="analyze activation sandboxing journal reload reload-broken kill-worker access-log watchdog restart stop"
 CHECKS=${E2E_CHECKS:-$ALL_CHECKS}
 IN_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 STAGE=/var/tmp/app-e2e    # inside the container: units, install.sh, binary
@@ -662,7 +662,36 @@ check_kill_worker() {  # SIGKILL of a worker: replaced, visible in the journal
         END { flush() }')
     note "journal (pid $victim in the text or a PID field): $(printf '%s\n' "$j" | head -n 3 | cut -c1-200 | paste -sd '|' -)"
     [ -n "$j" ] || fail "the journal does not mention the killed worker (pid $victim): $(journal_since "$cur" -o cat | head -n 5 | paste -sd '|' -)" || return 1
+    # The master's lines about it carry its WORKER_ID, so filtering on the slot shows why
+    # it died: an entry from the master (_PID = MainPID) with WORKER_PID = the victim.
+    local slot main about
+    slot=$(IN journalctl -u app --no-pager -o export --after-cursor="$cur" WORKER_PID="$victim" 2>/dev/null |
+        sed -n 's/^WORKER_ID=//p' | head -n1)
+    main=$(prop app.service MainPID)
+    about=$(IN journalctl -u app --no-pager -o export --after-cursor="$cur" WORKER_ID="$slot" _PID="$main" 2>/dev/null |
+        awk -v v="$victim" '/^WORKER_PID=/ { if (substr($0, 12) == v) n++ } END { print n + 0 }')
+    note "journalctl -u app WORKER_ID=$slot _PID=$main (the master): $about line(s) about pid $victim"
+    [ -n "$slot" ] && [ "$about" -gt 0 ] || fail "journalctl -u app WORKER_ID=${slot:-?} has no master line about pid $victim" || return 1
     case "$(http /)" in *" 200") ;; *) fail "not serving after the worker was replaced" ;; esac
+}
+
+check_access_log() {  # [http] access_log: one journal entry per request, HTTP_* fields filter
+    local cur n path fields
+    IN cp /etc/app/app.toml /run/app.toml.e2e-access
+    IN sh -c 'printf "[http]\naccess_log = true\n" > /etc/app/app.toml'
+    IN systemctl reload app || { IN cp /run/app.toml.e2e-access /etc/app/app.toml; fail "reload with access_log = true failed"; return 1; }
+    cur=$(journal_cursor)
+    path="/users/e2e-$RANDOM"
+    http "$path" >/dev/null
+    http /users/1 >/dev/null
+    sleep 0.5
+    n=$(journal_since "$cur" HTTP_STATUS=404 -o export | grep -c "^HTTP_PATH=$path\$")
+    fields=$(journal_since "$cur" HTTP_STATUS=404 -o export | grep -E '^(HTTP_[A-Z_]+|WORKER_ID)=' | sort -u | paste -sd ' ' -)
+    note "journalctl -u app HTTP_STATUS=404: $n entry for $path; fields: $fields"
+    IN cp /run/app.toml.e2e-access /etc/app/app.toml
+    IN systemctl reload app || { fail "reload back to the shipped app.toml failed"; return 1; }
+    [ "$n" = 1 ] || fail "expected 1 access entry for $path with HTTP_STATUS=404, got $n" || return 1
+    case "$fields" in *HTTP_METHOD=GET*HTTP_STATUS=404*WORKER_ID=*) ;; *) fail "access entry lacks fields: $fields" ;; esac
 }
 
 check_watchdog() {  # SIGSTOP the master: watchdog kill + Restart=; clients wait
@@ -791,7 +820,8 @@ run_all() {
     run_check journal       "journalctl -u app: master + worker lines; WORKER_ID=0 only worker 0" check_journal
     run_check reload        "systemctl reload under load: 0 failed, new generation on return"   check_reload
     run_check reload-broken "reload with a broken config fails; service keeps serving"           check_reload_broken
-    run_check kill-worker   "SIGKILL a worker: replaced, in the journal"                         check_kill_worker
+    run_check kill-worker   "SIGKILL a worker: replaced, in the journal, WORKER_ID= shows why"   check_kill_worker
+    run_check access-log    "access_log = true: HTTP_STATUS=404 finds the request, with fields"   check_access_log
     run_check watchdog      "SIGSTOP master: watchdog kills, Restart= restarts, clients answered" check_watchdog
     run_check restart       "systemctl restart under load: nothing refused or reset"             check_restart
     run_check stop          "systemctl stop during a slow request: request completes"            check_stop

@@ -192,6 +192,35 @@ fn connections(srv: &Server) -> Vec<(i32, u64)> {
         .collect()
 }
 
+/// Starts `app reload` in a thread (it returns only once the old generation is gone) and
+/// waits until worker `old` is draining; the thread yields the client's output and the time
+/// since `t0` it returned at.
+fn reload_beside(
+    srv: &Server,
+    old: i32,
+    t0: Instant,
+) -> (
+    std::thread::JoinHandle<(std::process::Output, Duration)>,
+    Option<()>,
+) {
+    let control = srv.control.clone();
+    let reloader = std::thread::spawn(move || {
+        let out = Command::new(APP)
+            .args(["reload", "--control-socket"])
+            .arg(&control)
+            .output()
+            .unwrap();
+        (out, t0.elapsed())
+    });
+    let draining = wait_until(Duration::from_secs(5), || {
+        srv.workers()
+            .iter()
+            .any(|w| w.1 == old && w.4 == "draining")
+            .then_some(())
+    });
+    (reloader, draining)
+}
+
 fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
@@ -425,21 +454,7 @@ fn websocket_survives_the_drain_grace_of_a_reload_then_is_closed() {
 
         // `app reload` returns once the old generation is gone: run it beside.
         let t0 = Instant::now();
-        let control = srv.control.clone();
-        let reloader = std::thread::spawn(move || {
-            let out = Command::new(APP)
-                .args(["reload", "--control-socket"])
-                .arg(&control)
-                .output()
-                .unwrap();
-            (out, t0.elapsed())
-        });
-        let draining = wait_until(Duration::from_secs(5), || {
-            srv.workers()
-                .iter()
-                .any(|w| w.1 == old && w.4 == "draining")
-                .then_some(())
-        });
+        let (reloader, draining) = reload_beside(&srv, old, t0);
         assert!(
             draining.is_some(),
             "old worker never drained: {:?}",
@@ -984,21 +999,7 @@ fn raw_connection_is_served_through_the_drain_grace_of_a_reload() {
     let mut c = line_client(p_line);
     assert_eq!(line_roundtrip(&mut c, "one").unwrap(), "worker 0: one\n");
     let t0 = Instant::now();
-    let control = srv.control.clone();
-    let reloader = std::thread::spawn(move || {
-        let out = Command::new(APP)
-            .args(["reload", "--control-socket"])
-            .arg(&control)
-            .output()
-            .unwrap();
-        (out, t0.elapsed())
-    });
-    let draining = wait_until(Duration::from_secs(5), || {
-        srv.workers()
-            .iter()
-            .any(|w| w.1 == old && w.4 == "draining")
-            .then_some(())
-    });
+    let (reloader, draining) = reload_beside(&srv, old, t0);
     assert!(draining.is_some(), "{:?}", srv.workers());
     // The draining worker still serves the connection it holds...
     assert_eq!(line_roundtrip(&mut c, "two").unwrap(), "worker 0: two\n");

@@ -559,12 +559,7 @@ impl Master {
             let delay = slot.backoff.after_exit(lived, self.config.min_uptime);
             slot.next_start = now + delay;
             if !delay.is_zero() {
-                about!(
-                    info,
-                    w,
-                    "restarting in {} ms (backoff)",
-                    delay.as_millis()
-                );
+                about!(info, w, "restarting in {} ms (backoff)", delay.as_millis());
             }
         }
         if !self.budget.record(now) {
