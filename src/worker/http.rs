@@ -9,6 +9,10 @@
 //! stops accepting (the kernel's backlog holds the rest, and other workers take them)
 //! instead of failing them.
 //!
+//! The panic guard, `X-Worker` and the 413 are a few lines here rather than tower-http
+//! layers: `CatchPanicLayer` requires `Send` response bodies (a worker's need not be), and
+//! the rest would each add a body or future type around a service that is already erased.
+//!
 //! Each connection's first bytes say which protocol it speaks (the HTTP/2 preface, or not),
 //! as hyper-util's `auto` builder decides; that builder is not used because it cannot set
 //! HTTP/1's header size limit. HTTP/2 runs on a `LocalExec` (tasks spawned with
