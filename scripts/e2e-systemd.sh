@@ -665,28 +665,32 @@ check_kill_worker() {  # SIGKILL of a worker: replaced, visible in the journal
     # The master's lines about it carry its WORKER_ID, so filtering on the slot shows why
     # it died: an entry from the master (_PID = MainPID) with WORKER_PID = the victim.
     local slot main about
-    slot=$(IN journalctl -u app --no-pager -o export --after-cursor="$cur" WORKER_PID="$victim" 2>/dev/null |
-        sed -n 's/^WORKER_ID=//p' | head -n1)
+    slot=$(journal_since "$cur" -o export | awk -v v="$victim" '
+        /^$/ { if (wp == v && w != "") { print w; exit } w = ""; wp = ""; next }
+        /^WORKER_ID=/ { w = substr($0, 11) } /^WORKER_PID=/ { wp = substr($0, 12) }')
     main=$(prop app.service MainPID)
-    about=$(IN journalctl -u app --no-pager -o export --after-cursor="$cur" WORKER_ID="$slot" _PID="$main" 2>/dev/null |
-        awk -v v="$victim" '/^WORKER_PID=/ { if (substr($0, 12) == v) n++ } END { print n + 0 }')
-    note "journalctl -u app WORKER_ID=$slot _PID=$main (the master): $about line(s) about pid $victim"
+    # Filtered by journalctl itself, as an operator would (no cursor: the pid is unique).
+    about=$(IN journalctl -u app --no-pager -o export WORKER_ID="$slot" 2>/dev/null | awk -v v="$victim" -v m="$main" '
+        /^$/ { if (wp == v && p == m) n++; wp = ""; p = ""; next }
+        /^WORKER_PID=/ { wp = substr($0, 12) } /^_PID=/ { p = substr($0, 6) }
+        END { if (wp == v && p == m) n++; print n + 0 }')
+    note "journalctl -u app WORKER_ID=$slot: $about line(s) from the master (_PID=$main) about pid $victim"
     [ -n "$slot" ] && [ "$about" -gt 0 ] || fail "journalctl -u app WORKER_ID=${slot:-?} has no master line about pid $victim" || return 1
     case "$(http /)" in *" 200") ;; *) fail "not serving after the worker was replaced" ;; esac
 }
 
 check_access_log() {  # [http] access_log: one journal entry per request, HTTP_* fields filter
-    local cur n path fields
+    local n path fields
     IN cp /etc/app/app.toml /run/app.toml.e2e-access
     IN sh -c 'printf "[http]\naccess_log = true\n" > /etc/app/app.toml'
     IN systemctl reload app || { IN cp /run/app.toml.e2e-access /etc/app/app.toml; fail "reload with access_log = true failed"; return 1; }
-    cur=$(journal_cursor)
-    path="/users/e2e-$RANDOM"
+    path="/users/$((100000 + RANDOM))"
     http "$path" >/dev/null
     http /users/1 >/dev/null
     sleep 0.5
-    n=$(journal_since "$cur" HTTP_STATUS=404 -o export | grep -c "^HTTP_PATH=$path\$")
-    fields=$(journal_since "$cur" HTTP_STATUS=404 -o export | grep -E '^(HTTP_[A-Z_]+|WORKER_ID)=' | sort -u | paste -sd ' ' -)
+    # Filtered by journalctl itself, as an operator would (no cursor: the path is unique).
+    n=$(IN journalctl -u app --no-pager -o export HTTP_STATUS=404 2>/dev/null | grep -c "^HTTP_PATH=$path\$")
+    fields=$(IN journalctl -u app --no-pager -o export HTTP_STATUS=404 2>/dev/null | grep -E '^(HTTP_[A-Z_]+|WORKER_ID)=' | sort -u | paste -sd ' ' -)
     note "journalctl -u app HTTP_STATUS=404: $n entry for $path; fields: $fields"
     IN cp /run/app.toml.e2e-access /etc/app/app.toml
     IN systemctl reload app || { fail "reload back to the shipped app.toml failed"; return 1; }
