@@ -972,10 +972,10 @@ table() { # TSV on stdin -> aligned columns
         jq -r '.baseline | "-- before/after: \(.current) (git \(.current_git)) vs baseline \(.rev) = \(.sha[0:12]) \"\(.subject)\"; wrk -c\(.params.conns) -t\(.params.wrk_threads), \(.params.duration_s) s, \(.params.runs_per_server) runs each, alternating; medians"' "$REPORT"
         jq -r 'def f($d): if . == null then "-" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
             (["server", "keep-alive", "conns", "runs", "req/s median", "min", "max", "CPU us/req", "p99 ms", "errors", "req/s per run"] | @tsv),
-            (.baseline.summary | sort_by(.mode != "ka", .server == "baseline") | .[] as $s
+            (. as $r | $r.baseline.summary | sort_by(.mode != "ka", .server == "baseline") | .[] as $s
              | [$s.server, (if $s.mode == "ka" then "yes" else "no" end), $s.conns, $s.runs, ($s.rps_median | floor), ($s.rps_min | floor),
                 ($s.rps_max | floor), ($s.cpu_us_per_req_median | f(2)), ($s.p99_ms_median | f(3)), $s.errors,
-                ([.baseline.runs[]? | select(.server == $s.server and .mode == $s.mode) | .rps | floor | tostring] | join(" "))] | @tsv)' "$REPORT" | table
+                ([$r.baseline.runs[] | select(.server == $s.server and .mode == $s.mode) | .rps | floor | tostring] | join(" "))] | @tsv)' "$REPORT" | table
         jq -r '(["current/baseline", "keep-alive", "req/s", "req/s >= 0.97", "CPU/req", "CPU/req <= 1.03"] | @tsv),
             (.baseline.ratios[] | ["", (if .mode == "ka" then "yes" else "no" end), (.rps // "-"),
               (if .rps_ok == null then "-" elif .rps_ok then "yes" else "NO" end), (.cpu_us_per_req // "-"),
