@@ -545,7 +545,8 @@ build_baseline() { # git worktree of REV under target/bench/baseline/SHA, its ow
     wt=$TARGET_DIR/bench/baseline/$BASE_SHA
     log=$TARGET_DIR/bench/baseline/build-$BASE_SHA.log
     mkdir -p "$TARGET_DIR/bench/baseline"
-    if [ "$(git -C "$wt" rev-parse HEAD 2>/dev/null || true)" != "$BASE_SHA" ]; then
+    # reuse the worktree if it is one (a .git file) at the right commit; else (re)create it
+    if [ ! -f "$wt/.git" ] || [ "$(git -C "$wt" rev-parse HEAD 2>/dev/null || true)" != "$BASE_SHA" ]; then
         (cd "$ROOT" && git worktree prune) || true
         rm -rf "$wt"
         log "git worktree add --detach $wt $BASE_SHA"
