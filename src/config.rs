@@ -793,6 +793,45 @@ mod tests {
         }
     }
 
+    /// The shipped `systemd/app.toml` documents the defaults without setting any: it parses,
+    /// and uncommenting every `# key = value` line gives the same configuration as no file
+    /// at all. (`workers` and `control_socket` are examples: their defaults depend on the
+    /// machine and the environment.)
+    #[test]
+    fn shipped_config_documents_the_defaults() {
+        let shipped = include_str!("../systemd/app.toml");
+        let defaults = from_text("", 2).unwrap();
+        assert_eq!(from_text(shipped, 2).unwrap(), defaults);
+        let mut uncommented = 0;
+        let text: String = shipped
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    }) && !rest.starts_with("workers ")
+                        && !rest.starts_with("control_socket ") =>
+                {
+                    uncommented += 1;
+                    format!("{rest}\n")
+                }
+                _ => format!("{line}\n"),
+            })
+            .collect();
+        assert!(uncommented >= 25, "only {uncommented} keys uncommented");
+        let c = from_text(&text, 2).unwrap_or_else(|e| panic!("{}\n{text}", e.message));
+        let mut expected = defaults;
+        // The demo's own table is the service's business, not app's default.
+        expected.service = c.service.clone();
+        assert_eq!(c, expected);
+        assert_eq!(
+            c.service.get("greeting").and_then(|g| g.as_str()),
+            Some("hello")
+        );
+        let last_table = shipped.lines().rfind(|l| l.starts_with('[')).unwrap();
+        assert_eq!(last_table, "[service]", "[service] must stay the last table");
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(parse_size("64KiB"), Ok(65536));
