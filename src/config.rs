@@ -829,7 +829,10 @@ mod tests {
             Some("hello")
         );
         let last_table = shipped.lines().rfind(|l| l.starts_with('[')).unwrap();
-        assert_eq!(last_table, "[service]", "[service] must stay the last table");
+        assert_eq!(
+            last_table, "[service]",
+            "[service] must stay the last table"
+        );
     }
 
     #[test]
