@@ -140,7 +140,7 @@ do_install() {
         fi
     elif systemd_up && [ -z "$DESTDIR" ]; then
         if systemctl is-active --quiet app.service; then
-            say "app.service is running the previous binary: systemctl restart app"
+            say "app.service is running: systemctl reload app rolls the workers onto the new binary (the master keeps the old one until systemctl restart app)"
         elif ! systemctl is-enabled --quiet app.socket 2>/dev/null; then
             say "next: systemctl enable --now app.socket   (then: curl http://127.0.0.1:8080/)"
         fi

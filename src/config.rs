@@ -561,6 +561,166 @@ impl Config {
     }
 }
 
+/// Where an effective value came from (`app check`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Default,
+    File,
+    Env,
+    Flag,
+}
+
+/// One key of the effective configuration, for `app check`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub key: &'static str,
+    pub value: serde_json::Value,
+    pub source: Source,
+}
+
+impl Config {
+    /// [`Config::load`], and for every key its effective value and where it came from.
+    ///
+    /// A value given in `ServeArgs` is a flag when the process's own arguments name the
+    /// flag, else an environment variable (clap fills both into the same field).
+    pub fn explain(
+        args: &ServeArgs,
+        default_workers: usize,
+        check: SettingsCheck,
+    ) -> Result<(Config, Vec<Entry>), Fatal> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let f = &file;
+        let h = &file.http;
+        let in_file: Vec<(&'static str, bool)> = vec![
+            ("workers", f.workers.is_some()),
+            ("bind", f.bind.is_some()),
+            ("log_level", f.log_level.is_some()),
+            ("accept", f.accept.is_some()),
+            ("shutdown_timeout", f.shutdown_timeout.is_some()),
+            ("drain_timeout", f.drain_timeout.is_some()),
+            ("ready_timeout", f.ready_timeout.is_some()),
+            ("heartbeat_interval", f.heartbeat_interval.is_some()),
+            ("heartbeat_misses", f.heartbeat_misses.is_some()),
+            ("restart_limit", f.restart_limit.is_some()),
+            ("restart_window", f.restart_window.is_some()),
+            ("min_uptime", f.min_uptime.is_some()),
+            ("max_memory", f.max_memory.is_some()),
+            ("max_requests", f.max_requests.is_some()),
+            ("max_requests_jitter", f.max_requests_jitter.is_some()),
+            ("control_socket", f.control_socket.is_some()),
+            ("chaos", f.chaos.is_some()),
+            ("http.header_read_timeout", h.header_read_timeout.is_some()),
+            ("http.keepalive_timeout", h.keepalive_timeout.is_some()),
+            ("http.max_header_bytes", h.max_header_bytes.is_some()),
+            ("http.max_headers", h.max_headers.is_some()),
+            ("http.max_body_bytes", h.max_body_bytes.is_some()),
+            ("http.body_read_timeout", h.body_read_timeout.is_some()),
+            ("http.min_body_rate", h.min_body_rate.is_some()),
+            (
+                "http.max_pending_body_bytes",
+                h.max_pending_body_bytes.is_some(),
+            ),
+            ("http.send_timeout", h.send_timeout.is_some()),
+            ("http.max_connections", h.max_connections.is_some()),
+            ("service", f.service.is_some()),
+        ];
+        let a = args;
+        let given: Vec<(&'static str, bool)> = vec![
+            ("workers", a.workers.is_some()),
+            ("bind", a.bind.is_some()),
+            ("log_level", a.log_level.is_some()),
+            ("accept", a.accept.is_some()),
+            ("shutdown_timeout", a.shutdown_timeout.is_some()),
+            ("drain_timeout", a.drain_timeout.is_some()),
+            ("ready_timeout", a.ready_timeout.is_some()),
+            ("heartbeat_interval", a.heartbeat_interval.is_some()),
+            ("heartbeat_misses", a.heartbeat_misses.is_some()),
+            ("restart_limit", a.restart_limit.is_some()),
+            ("restart_window", a.restart_window.is_some()),
+            ("min_uptime", a.min_uptime.is_some()),
+            ("max_memory", a.max_memory.is_some()),
+            ("max_requests", a.max_requests.is_some()),
+            ("max_requests_jitter", a.max_requests_jitter.is_some()),
+            ("control_socket", a.control_socket.is_some()),
+            ("chaos", a.chaos),
+        ];
+        let cfg = Self::merge(args, file, default_workers, check)?;
+        let argv: Vec<String> = std::env::args_os()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        let source = |key: &'static str| -> Source {
+            if given.iter().any(|(k, g)| *k == key && *g) {
+                let flag = format!("--{}", key.replace('_', "-"));
+                let named = argv
+                    .iter()
+                    .any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
+                let env = std::env::var_os(format!("APP_{}", key.to_ascii_uppercase())).is_some();
+                if named || !env {
+                    Source::Flag
+                } else {
+                    Source::Env
+                }
+            } else if in_file.iter().any(|(k, g)| *k == key && *g) {
+                Source::File
+            } else {
+                Source::Default
+            }
+        };
+        use serde_json::json;
+        let d = |d: Duration| json!(humantime::format_duration(d).to_string());
+        let c = &cfg;
+        let values: Vec<(&'static str, serde_json::Value)> = vec![
+            ("workers", json!(c.workers)),
+            ("bind", json!(c.bind.to_string())),
+            ("log_level", json!(c.log_level)),
+            ("accept", json!(c.accept)),
+            ("shutdown_timeout", d(c.shutdown_timeout)),
+            ("drain_timeout", d(c.drain_timeout)),
+            ("ready_timeout", d(c.ready_timeout)),
+            ("heartbeat_interval", d(c.heartbeat_interval)),
+            ("heartbeat_misses", json!(c.heartbeat_misses)),
+            ("restart_limit", json!(c.restart_limit)),
+            ("restart_window", d(c.restart_window)),
+            ("min_uptime", d(c.min_uptime)),
+            ("max_memory", json!(c.max_memory)),
+            ("max_requests", json!(c.max_requests)),
+            ("max_requests_jitter", json!(c.max_requests_jitter)),
+            ("control_socket", json!(c.control_socket)),
+            ("chaos", json!(c.chaos)),
+            ("http.header_read_timeout", d(c.http.header_read_timeout)),
+            ("http.keepalive_timeout", d(c.http.keepalive_timeout)),
+            ("http.max_header_bytes", json!(c.http.max_header_bytes)),
+            ("http.max_headers", json!(c.http.max_headers)),
+            ("http.max_body_bytes", json!(c.http.max_body_bytes)),
+            ("http.body_read_timeout", d(c.http.body_read_timeout)),
+            ("http.min_body_rate", json!(c.http.min_body_rate)),
+            (
+                "http.max_pending_body_bytes",
+                json!(c.http.max_pending_body_bytes),
+            ),
+            ("http.send_timeout", d(c.http.send_timeout)),
+            ("http.max_connections", json!(c.http.max_connections)),
+            (
+                "service",
+                serde_json::to_value(&c.service).unwrap_or(serde_json::Value::Null),
+            ),
+        ];
+        let entries = values
+            .into_iter()
+            .map(|(key, value)| Entry {
+                key,
+                value,
+                source: source(key),
+            })
+            .collect();
+        Ok((cfg, entries))
+    }
+}
+
 fn pick(
     flag: Option<Duration>,
     file: &Option<String>,
@@ -647,6 +807,48 @@ mod tests {
                 e.message
             );
         }
+    }
+
+    /// The shipped `systemd/app.toml` documents the defaults without setting any: it parses,
+    /// and uncommenting every `# key = value` line gives the same configuration as no file
+    /// at all. (`workers` and `control_socket` are examples: their defaults depend on the
+    /// machine and the environment.)
+    #[test]
+    fn shipped_config_documents_the_defaults() {
+        let shipped = include_str!("../systemd/app.toml");
+        let defaults = from_text("", 2).unwrap();
+        assert_eq!(from_text(shipped, 2).unwrap(), defaults);
+        let mut uncommented = 0;
+        let text: String = shipped
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    }) && !rest.starts_with("workers ")
+                        && !rest.starts_with("control_socket ") =>
+                {
+                    uncommented += 1;
+                    format!("{rest}\n")
+                }
+                _ => format!("{line}\n"),
+            })
+            .collect();
+        assert!(uncommented >= 25, "only {uncommented} keys uncommented");
+        let c = from_text(&text, 2).unwrap_or_else(|e| panic!("{}\n{text}", e.message));
+        let mut expected = defaults;
+        // The demo's own table is the service's business, not app's default.
+        expected.service = c.service.clone();
+        assert_eq!(c, expected);
+        assert_eq!(
+            c.service.get("greeting").and_then(|g| g.as_str()),
+            Some("hello")
+        );
+        let last_table = shipped.lines().rfind(|l| l.starts_with('[')).unwrap();
+        assert_eq!(
+            last_table, "[service]",
+            "[service] must stay the last table"
+        );
     }
 
     #[test]

@@ -61,7 +61,10 @@ fn fuzz_ipc_frame_corpus() {
 
 fn any_to_master() -> impl Strategy<Value = ToMaster> {
     prop_oneof![
-        Just(ToMaster::Ready),
+        Just(ToMaster::Ready { version: None }),
+        Just(ToMaster::Ready {
+            version: Some("0.1.0 (commit unknown)".into())
+        }),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(seq, requests, connections)| {
             ToMaster::Pong {
                 seq,
@@ -103,13 +106,18 @@ proptest! {
 fn control_parse(bytes: &[u8]) {
     let line = String::from_utf8_lossy(bytes);
     if let Ok(r) = control::parse_request(&line) {
-        // Only the two commands exist, and only in their exact form.
-        let expected = match r {
-            control::Request::Status => "status",
-            control::Request::Reload => "reload",
-        };
+        // Only the three commands exist, and only in their exact form.
         let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
-        assert_eq!(v, serde_json::json!({ "cmd": expected }));
+        match r {
+            control::Request::Status => assert_eq!(v, serde_json::json!({ "cmd": "status" })),
+            control::Request::Reload => assert_eq!(v, serde_json::json!({ "cmd": "reload" })),
+            control::Request::Scale { to, by } => {
+                assert_eq!(v["cmd"], "scale");
+                assert_eq!(to.is_some(), by.is_none());
+                assert_eq!(v.get("to").and_then(|t| t.as_u64()), to);
+                assert_eq!(v.get("by").and_then(|b| b.as_i64()), by);
+            }
+        }
     }
 }
 

@@ -64,7 +64,12 @@ pub enum ToWorker {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToMaster {
     /// Listening sockets registered; serving from now on.
-    Ready,
+    Ready {
+        /// The build this worker runs (see [`crate::version::VERSION`]); absent from
+        /// workers built before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
+    },
     Pong {
         seq: u64,
         requests: u64,

@@ -25,7 +25,7 @@
 //! }
 //! ```
 //!
-//! `main` gives the program the command line `serve | status | reload`; a program with a
+//! `main` gives the program the command line `serve | check | status | reload | scale`; a program with a
 //! command line of its own embeds [`Command`] or [`ServeArgs`] in it and calls
 //! [`Server::run_command`] or [`Server::serve`]. Workers run the same program with the same
 //! arguments and are recognised by an environment marker, so nothing else changes.
@@ -59,6 +59,7 @@ mod master;
 mod notify;
 mod server;
 mod shutdown;
+mod version;
 mod worker;
 
 pub use cli::{Cli, ClientArgs, Command};

@@ -179,7 +179,7 @@ impl<S: Settings> Server<S> {
     }
 
     /// Runs the program: as a worker when started by a master, otherwise the command line
-    /// `serve | status | reload` (see [`crate::Cli`]). Returns the exit code (sysexits).
+    /// `serve | check | status | reload | scale` (see [`crate::Cli`]). Returns the exit code (sysexits).
     pub fn main(self) -> ExitCode {
         if let Some(fd) = worker_marker() {
             return self.run_worker(fd);
@@ -195,7 +195,16 @@ impl<S: Settings> Server<S> {
         match command {
             Command::Serve(args) => self.serve(*args),
             Command::Reload(c) => code_of(cli::reload(c)),
-            Command::Status { client, json } => code_of(cli::status(client, json)),
+            Command::Status {
+                client,
+                json,
+                watch,
+                interval,
+            } => code_of(cli::status(client, json, watch.then_some(interval))),
+            Command::Check { serve, json } => {
+                code_of(cli::check(&serve, json, check_settings::<S>))
+            }
+            Command::Scale { workers, client } => code_of(cli::scale(client, &workers)),
         }
     }
 

@@ -127,7 +127,7 @@ fn round_robin_reload_fails_no_request() {
 }
 
 #[test]
-fn accept_strategy_cannot_change_on_reload() {
+fn accept_strategy_change_on_reload_waits_for_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("app.toml");
     std::fs::write(&file, "accept = \"shared\"\n").unwrap();
@@ -140,9 +140,19 @@ fn accept_strategy_cannot_change_on_reload() {
         .args(&["--config", &f]),
     );
     std::fs::write(&file, "accept = \"round-robin\"\n").unwrap();
+    // The reload applies everything else, keeps the running strategy and names the key
+    // that needs a restart.
     let out = srv.client(&["reload"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a restart"));
+    assert!(out.status.success());
+    let s = srv.status().unwrap();
+    assert!(
+        s["restart_needed"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("accept"),
+        "{s}"
+    );
+    assert_eq!(s["master_connection_cap"], 0, "still shared: {s}");
 }
 
 #[test]

@@ -59,7 +59,7 @@ pub fn call(
     request: &Request,
 ) -> Result<Reply, (i32, String)> {
     let timeout = timeout.unwrap_or(match request {
-        Request::Status => STATUS_TIMEOUT,
+        Request::Status | Request::Scale { .. } => STATUS_TIMEOUT,
         Request::Reload => RELOAD_TIMEOUT,
     });
     let deadline = Instant::now() + timeout;

@@ -38,6 +38,14 @@ pub const MAX_REQUEST: usize = 4096;
 pub enum Request {
     Status,
     Reload,
+    /// Resize the serving pool now (`app scale N|+N|-N`): exactly one of `to` (an absolute
+    /// size) or `by` (a change). Holds until a reload that changes `workers` in the file.
+    Scale {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        to: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        by: Option<i64>,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -89,6 +97,27 @@ pub struct StatusReport {
     pub master_connections: u64,
     #[serde(default)]
     pub master_connection_cap: u64,
+    /// The master's own build (it keeps running the binary it started from until a
+    /// restart; each generation of workers runs the binary on disk when it started).
+    #[serde(default)]
+    pub version: String,
+    /// `workers` in the configuration; `target_workers` differs after a runtime scale.
+    #[serde(default)]
+    pub configured_workers: usize,
+    /// Each generation still alive, with the build its workers run.
+    #[serde(default)]
+    pub generations: Vec<GenerationReport>,
+    /// Keys whose new value in the configuration file is not in effect until a restart.
+    #[serde(default)]
+    pub restart_needed: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GenerationReport {
+    pub generation: u64,
+    /// What its workers reported when they became ready; `None` before any did.
+    pub version: Option<String>,
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -104,6 +133,16 @@ pub struct WorkerReport {
     pub rss_bytes: u64,
     pub pss_bytes: Option<u64>,
     pub restarts: u32,
+    /// The build this worker runs, as it reported when ready.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// CPU time (user + system) over wall time between the master's last two samples
+    /// (`/proc/<pid>/stat`, about once a second); 100 = one whole CPU.
+    #[serde(default)]
+    pub cpu_percent: f64,
+    /// Requests per second between the worker's last two heartbeat answers.
+    #[serde(default)]
+    pub requests_per_sec: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -116,6 +155,15 @@ pub struct ReloadReport {
     /// `drain_timeout` (or hung while draining) and were killed.
     #[serde(default)]
     pub connections_cut: u64,
+    /// Workers of the new generation (0 when the reload failed before starting any).
+    #[serde(default)]
+    pub workers: usize,
+    /// The build the new generation runs.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Keys changed in the file that need a restart: not applied, everything else was.
+    #[serde(default)]
+    pub restart_needed: Vec<String>,
 }
 
 /// A request from a client, and where its reply goes.
@@ -235,17 +283,31 @@ async fn handle_client(stream: UnixStream, me: u32, tx: mpsc::UnboundedSender<In
 #[serde(deny_unknown_fields)]
 struct WireRequest {
     cmd: String,
+    #[serde(default)]
+    to: Option<u64>,
+    #[serde(default)]
+    by: Option<i64>,
 }
 
 /// Parses one request line; the error is the reply text.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     let wire: WireRequest =
         serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))?;
-    match wire.cmd.as_str() {
-        "status" => Ok(Request::Status),
-        "reload" => Ok(Request::Reload),
-        other => Err(format!(
-            "bad request: unknown command {other:?} (expected status or reload)"
+    match (wire.cmd.as_str(), wire.to, wire.by) {
+        ("status", None, None) => Ok(Request::Status),
+        ("reload", None, None) => Ok(Request::Reload),
+        ("scale", Some(to), None) => Ok(Request::Scale {
+            to: Some(to),
+            by: None,
+        }),
+        ("scale", None, Some(by)) => Ok(Request::Scale {
+            to: None,
+            by: Some(by),
+        }),
+        ("scale", _, _) => Err("bad request: scale takes exactly one of \"to\" or \"by\"".into()),
+        ("status" | "reload", _, _) => Err(format!("bad request: {} takes no arguments", wire.cmd)),
+        (other, _, _) => Err(format!(
+            "bad request: unknown command {other:?} (expected status, reload or scale)"
         )),
     }
 }
@@ -296,31 +358,76 @@ pub fn render_table(s: &StatusReport) -> String {
         s.restart_window_secs
     );
     let _ = writeln!(out, "listening on {}", s.listeners.join(", "));
-    if let Some(r) = &s.last_reload {
+    if !s.version.is_empty() {
+        let _ = writeln!(out, "master version {}", s.version);
+    }
+    if s.configured_workers != 0 && s.configured_workers != s.target_workers {
         let _ = writeln!(
             out,
-            "last reload: generation {} {} in {} ms: {}",
-            r.generation,
-            if r.ok { "succeeded" } else { "FAILED" },
-            r.duration_ms,
-            r.message
+            "scaled to {} workers at run time (configuration: {}; a reload that changes workers applies the file)",
+            s.target_workers, s.configured_workers
         );
+    }
+    for g in &s.generations {
+        let _ = writeln!(
+            out,
+            "generation {}: {} worker(s), version {}",
+            g.generation,
+            g.workers,
+            g.version.as_deref().unwrap_or("not reported yet")
+        );
+    }
+    if !s.restart_needed.is_empty() {
+        let _ = writeln!(
+            out,
+            "restart needed to apply: {} (systemctl restart app)",
+            s.restart_needed.join("; ")
+        );
+    }
+    if let Some(r) = &s.last_reload {
+        if r.ok {
+            let _ = writeln!(
+                out,
+                "last reload: generation {} succeeded in {} ms: {}",
+                r.generation, r.duration_ms, r.message
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "last reload failed: {} (generation {}, after {} ms; the previous generation still serves)",
+                r.message, r.generation, r.duration_ms
+            );
+        }
     }
     let _ = writeln!(
         out,
-        "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>10} {:>6} {:>9} {:>9} {:>8}",
-        "ID", "PID", "CPU", "GEN", "STATE", "UPTIME", "REQUESTS", "CONNS", "RSS", "PSS", "RESTARTS"
+        "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>6} {:>8} {:>10} {:>6} {:>9} {:>9} {:>8}",
+        "ID",
+        "PID",
+        "CPU",
+        "GEN",
+        "STATE",
+        "UPTIME",
+        "CPU%",
+        "REQ/S",
+        "REQUESTS",
+        "CONNS",
+        "RSS",
+        "PSS",
+        "RESTARTS"
     );
     for w in &s.workers {
         let _ = writeln!(
             out,
-            "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>10} {:>6} {:>9} {:>9} {:>8}",
+            "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>6.1} {:>8.0} {:>10} {:>6} {:>9} {:>9} {:>8}",
             w.id,
             w.pid,
             w.cpu,
             w.generation,
             w.state,
             human_secs(w.uptime_secs),
+            w.cpu_percent,
+            w.requests_per_sec,
             w.requests,
             w.connections,
             human_bytes(w.rss_bytes),
@@ -363,7 +470,24 @@ mod tests {
     fn parses_requests_and_rejects_garbage() {
         assert_eq!(parse_request("{\"cmd\":\"status\"}\n"), Ok(Request::Status));
         assert_eq!(parse_request("{\"cmd\":\"reload\"}"), Ok(Request::Reload));
+        assert_eq!(
+            parse_request("{\"cmd\":\"scale\",\"to\":3}"),
+            Ok(Request::Scale {
+                to: Some(3),
+                by: None
+            })
+        );
+        assert_eq!(
+            parse_request("{\"cmd\":\"scale\",\"by\":-1}"),
+            Ok(Request::Scale {
+                to: None,
+                by: Some(-1)
+            })
+        );
         for junk in [
+            "{\"cmd\":\"scale\"}",
+            "{\"cmd\":\"scale\",\"to\":3,\"by\":1}",
+            "{\"cmd\":\"status\",\"to\":3}",
             "",
             "status",
             "{\"cmd\":\"rm -rf\"}",

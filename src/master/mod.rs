@@ -44,6 +44,7 @@ pub mod budget;
 mod dispatch;
 pub mod memory;
 pub mod pool;
+mod rates;
 mod report;
 mod rollover;
 pub mod spawn;
@@ -163,6 +164,10 @@ pub struct Master {
     /// Starts that failed for want of a host resource, pool-wide, and the latest error.
     spawn_failures: u64,
     last_spawn_error: Option<String>,
+    /// The socket was bound by hand (`bind`), not passed in by systemd.
+    bound_by_hand: bool,
+    /// Keys the configuration file changed that only a restart applies.
+    restart_needed: Vec<String>,
 }
 
 /// Why the loop woke.
@@ -229,6 +234,8 @@ impl Master {
             excused_at: now,
             spawn_failures: 0,
             last_spawn_error: None,
+            bound_by_hand: false,
+            restart_needed: Vec::new(),
         })
     }
 
@@ -360,8 +367,9 @@ impl Master {
             return;
         };
         match msg {
-            ToMaster::Ready => {
+            ToMaster::Ready { version } => {
                 if w.state == WorkerState::Starting {
+                    w.version = version;
                     w.state = WorkerState::Ready;
                     w.ready_at = Some(now);
                     w.last_pong = now;
@@ -393,6 +401,7 @@ impl Master {
                 w.pong_seq = w.pong_seq.max(seq);
                 w.requests = requests;
                 w.connections = connections;
+                w.rates.requests(now, requests);
                 if w.request_limit > 0 && requests >= w.request_limit && w.retire.is_none() {
                     about!(
                         info,
@@ -432,21 +441,56 @@ impl Master {
                 });
             }
             Request::Reload => self.request_reload(Some(req.reply)),
+            Request::Scale { to, by } => {
+                let old = self.pool.slots.len() as i64;
+                let new = match (to, by) {
+                    (Some(n), _) => i64::try_from(n).unwrap_or(i64::MAX),
+                    (None, by) => old.saturating_add(by.unwrap_or(0)),
+                };
+                let reply = match self.scale_to(new) {
+                    Ok(()) => Reply {
+                        ok: true,
+                        message: Some(format!("scaled from {old} to {new} workers")),
+                        ..Default::default()
+                    },
+                    Err(e) => Reply::error(e),
+                };
+                let _ = req.reply.send(reply);
+            }
         }
     }
 
+    /// SIGTTIN / SIGTTOU: one worker more or less, never below 1.
     fn scale(&mut self, delta: i32) {
-        if !matches!(self.phase, Phase::Serving | Phase::Booting) {
-            warn!("ignoring a scale request during a reload or shutdown");
-            return;
-        }
-        let now = Instant::now();
-        let old = self.pool.slots.len();
-        let new =
-            (old as i64 + delta as i64).clamp(1, crate::loadboard::MAX_WORKERS as i64) as usize;
-        if new == old {
+        let new = (self.pool.slots.len() as i64 + delta as i64).max(1);
+        if new == self.pool.slots.len() as i64 {
             info!("scale request ignored: the pool never goes below 1 worker");
             return;
+        }
+        if let Err(e) = self.scale_to(new) {
+            warn!("{e}");
+        }
+    }
+
+    /// Resizes the serving pool to `new` workers, until a reload that changes `workers` in
+    /// the configuration file (see `rollover`).
+    fn scale_to(&mut self, new: i64) -> Result<(), String> {
+        if !matches!(self.phase, Phase::Serving | Phase::Booting) {
+            return Err(
+                "cannot scale during a reload or shutdown; try again when it is over".into(),
+            );
+        }
+        let max = crate::loadboard::MAX_WORKERS;
+        if !(1..=max as i64).contains(&new) {
+            return Err(format!(
+                "workers must be between 1 and {max} (asked for {new})"
+            ));
+        }
+        let new = new as usize;
+        let now = Instant::now();
+        let old = self.pool.slots.len();
+        if new == old {
+            return Ok(());
         }
         resize_slots(&mut self.pool, new, &self.cpus, now);
         let generation = self.pool.generation;
@@ -456,13 +500,17 @@ impl Master {
                 w.drain(self.config.drain_timeout, now);
             }
         }
-        info!("pool scaled from {old} to {new} workers");
+        info!(
+            "pool scaled from {old} to {new} workers (workers = {} in the configuration; a reload that changes it applies the file)",
+            self.config.workers
+        );
         if new > self.cpus.len() {
             info!(
                 "{new} workers on {} CPUs: workers share CPUs round-robin",
                 self.cpus.len()
             );
         }
+        Ok(())
     }
 
     // ---- the steps of every turn ---------------------------------------------------------
@@ -702,6 +750,7 @@ impl Master {
             if let Some(m) = memory::read(w.pid) {
                 w.memory = m;
             }
+            w.rates.sample_cpu(now, w.pid);
             let charged = w.memory.charged();
             if max > 0
                 && w.retire.is_none()
@@ -784,7 +833,12 @@ impl Master {
         with: Option<(&Config, &Executable)>,
     ) -> std::io::Result<i32> {
         let (config, exe) = with.unwrap_or((&self.config, &self.exe));
-        let cpu = self.pool.slots[slot].cpu;
+        // A reload may start more workers than the serving pool has slots.
+        let cpu = self
+            .pool
+            .slots
+            .get(slot)
+            .map_or(self.cpus[slot % self.cpus.len()], |s| s.cpu);
         let board_index = self.board.assign().ok_or_else(|| {
             // Entries come free as old workers exit: a resource shortage, not a failure.
             std::io::Error::new(
@@ -860,6 +914,8 @@ impl Master {
                 tx,
                 handoff,
                 board_index,
+                version: None,
+                rates: Default::default(),
             },
         );
         info!(
@@ -993,7 +1049,8 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(|e| exit::Fatal::os(format!("cannot build runtime: {e}")))?;
-    let master = Master::new(args, config, cpus, listeners, notifier, check)?;
+    let mut master = Master::new(args, config, cpus, listeners, notifier, check)?;
+    master.bound_by_hand = !activated;
     Ok(rt.block_on(master.run()))
 }
 

@@ -69,6 +69,10 @@ pub struct Worker {
     pub handoff: std::sync::Arc<std::os::fd::OwnedFd>,
     /// Its entry on the load board.
     pub board_index: usize,
+    /// The build it runs, as it said when ready.
+    pub version: Option<String>,
+    /// CPU % and requests/s for `app status`.
+    pub rates: super::rates::Rates,
 }
 
 impl Worker {
@@ -175,7 +179,13 @@ impl Pool {
 
     /// True when every slot of `generation` is held by a ready worker.
     pub fn generation_ready(&self, generation: u64) -> bool {
-        (0..self.slots.len()).all(|s| {
+        self.generation_full(generation, self.slots.len())
+    }
+
+    /// True when slots `0..n` of `generation` are each held by a ready worker (a reload
+    /// may size the new generation differently from the serving one).
+    pub fn generation_full(&self, generation: u64, n: usize) -> bool {
+        (0..n).all(|s| {
             self.holder(generation, s)
                 .is_some_and(|w| w.state == WorkerState::Ready)
         })

@@ -9,7 +9,7 @@ use super::memory;
 use super::pool::WorkerState;
 use super::{Master, Phase};
 use crate::config::AcceptStrategy;
-use crate::control::{StatusReport, WorkerReport};
+use crate::control::{GenerationReport, StatusReport, WorkerReport};
 
 impl Master {
     pub(super) fn report(&mut self, now: Instant) {
@@ -59,7 +59,7 @@ impl Master {
             Phase::Rolling(_) => "reloading: ",
             _ => "",
         };
-        format!(
+        let mut line = format!(
             "{phase}{}/{} workers serving, generation {}, {} requests, {} restarts in {}s",
             self.pool.serving(),
             self.pool.slots.len(),
@@ -67,7 +67,20 @@ impl Master {
             self.pool.requests_total(),
             self.budget.used(now),
             self.budget.window().as_secs()
-        )
+        );
+        // Said until the next reload succeeds: `systemctl status` shows it meanwhile.
+        if let Some(r) = self.last_reload.as_ref().filter(|r| !r.ok) {
+            line.push_str(&format!("; last reload failed: {}", r.message));
+        }
+        if !self.restart_needed.is_empty() {
+            let keys: Vec<&str> = self
+                .restart_needed
+                .iter()
+                .map(|k| k.split(' ').next().unwrap_or(k))
+                .collect();
+            line.push_str(&format!("; restart needed for {}", keys.join(", ")));
+        }
+        line
     }
 
     pub(super) fn status_report(&mut self) -> StatusReport {
@@ -77,7 +90,28 @@ impl Master {
             if let Some(m) = memory::read(w.pid) {
                 w.memory = m;
             }
+            w.rates.sample_cpu(now, w.pid);
         }
+        let mut generations: Vec<GenerationReport> = Vec::new();
+        for w in self.pool.workers.values() {
+            match generations
+                .iter_mut()
+                .find(|g| g.generation == w.generation)
+            {
+                Some(g) => {
+                    g.workers += 1;
+                    if g.version.is_none() {
+                        g.version.clone_from(&w.version);
+                    }
+                }
+                None => generations.push(GenerationReport {
+                    generation: w.generation,
+                    version: w.version.clone(),
+                    workers: 1,
+                }),
+            }
+        }
+        generations.sort_by_key(|g| g.generation);
         let state = match &self.phase {
             Phase::Booting => "starting",
             Phase::Serving => "serving",
@@ -106,6 +140,9 @@ impl Master {
                 rss_bytes: w.memory.rss,
                 pss_bytes: w.memory.pss,
                 restarts: self.pool.slots.get(w.slot).map_or(0, |s| s.restarts),
+                version: w.version.clone(),
+                cpu_percent: w.rates.cpu_percent,
+                requests_per_sec: w.rates.requests_per_sec,
             })
             .collect();
         StatusReport {
@@ -134,6 +171,10 @@ impl Master {
             } else {
                 0
             },
+            version: crate::version::VERSION.to_string(),
+            configured_workers: self.config.workers,
+            generations,
+            restart_needed: self.restart_needed.clone(),
         }
     }
 }

@@ -12,6 +12,18 @@
 //!    still succeeds when old workers had to be killed, but its result says how many
 //!    connections were cut (the count each reported in its latest heartbeat answer).
 //!
+//! Every key of the re-read configuration applies to the new generation, but for those
+//! fixed for the life of the master: `accept`, `bind` (when the master bound the socket
+//! itself; under systemd the socket unit decides) and `control_socket`. A change to one of
+//! those does not fail the reload: everything else is applied, the running value is kept,
+//! and the reload's result (`app reload`, the journal, `app status`, `STATUS=`) names
+//! what needs a restart.
+//!
+//! The new generation has `workers` workers from the file when the file changed `workers`
+//! (compared with the configuration the serving generation was started with); otherwise
+//! it keeps the current pool size, so a runtime scale (SIGTTIN/SIGTTOU, `app scale`)
+//! survives reloads that do not touch `workers`.
+//!
 //! A new worker that exits, or a generation not ready within `ready_timeout`, rolls back:
 //! the new workers drain away, the old generation never stopped serving, and the reload
 //! fails loudly — `STATUS=` says why, `app reload` exits non-zero — while still ending with
@@ -26,11 +38,15 @@ use tracing::{error, info, warn};
 use super::pool::{Retire, WorkerState};
 use super::spawn::Executable;
 use super::{Master, Phase};
-use crate::config::Config;
+use crate::config::{AcceptStrategy, Config};
 use crate::control::{ReloadReport, Reply};
 
 pub(super) struct Rollover {
     pub generation: u64,
+    /// Size of the new generation.
+    workers: usize,
+    /// Keys changed in the file that only a restart applies (kept at their running value).
+    restart_needed: Vec<String>,
     config: Config,
     exe: Executable,
     waiters: Vec<oneshot::Sender<Reply>>,
@@ -72,26 +88,32 @@ impl Master {
         self.last_generation += 1;
         let next = self.last_generation;
         info!("reload: starting generation {next}");
-        let config = match Config::load(&self.args, self.cpus.len(), self.check) {
+        let mut config = match Config::load(&self.args, self.cpus.len(), self.check) {
             Ok(c) => c,
             Err(e) => return self.finish_failed(waiters, now, next, e.message),
         };
-        if config.accept != self.config.accept {
-            let msg = format!(
-                "accept = {:?} differs from the running {:?}; changing the accept strategy needs a restart",
-                config.accept, self.config.accept
+        let restart_needed = self.keep_fixed_keys(&mut config);
+        for key in &restart_needed {
+            warn!(
+                "reload: {key}: needs a restart (systemctl restart app); applying the rest of the configuration"
             );
-            return self.finish_failed(waiters, now, next, msg);
         }
-        if config.workers != self.config.workers {
-            // The pool size follows SIGTTIN/SIGTTOU and the start-up value; a reload keeps
-            // the current size so a scaled pool is not silently undone.
+        let current = self.pool.slots.len();
+        let workers = if config.workers != self.config.workers {
             info!(
-                "reload: workers = {} in the new configuration; keeping the current pool of {}",
-                config.workers,
-                self.pool.slots.len()
+                "reload: workers changed in the configuration from {} to {}: the new generation has {} worker(s)",
+                self.config.workers, config.workers, config.workers
             );
-        }
+            config.workers
+        } else {
+            if current != config.workers {
+                info!(
+                    "reload: workers unchanged in the configuration ({}): keeping the pool scaled at run time to {current}",
+                    config.workers
+                );
+            }
+            current
+        };
         let exe = match Executable::open(&self.exe.path) {
             Ok(e) => e,
             Err(e) => {
@@ -100,7 +122,7 @@ impl Master {
             }
         };
         let mut failed = None;
-        for slot in 0..self.pool.slots.len() {
+        for slot in 0..workers {
             if let Err(e) = self.spawn_worker(slot, next, Some((&config, &exe))) {
                 failed = Some(format!("cannot start new worker {slot}: {e}"));
                 break;
@@ -108,6 +130,8 @@ impl Master {
         }
         self.phase = Phase::Rolling(Box::new(Rollover {
             generation: next,
+            workers,
+            restart_needed,
             step: Step::Starting {
                 deadline: now + config.ready_timeout,
             },
@@ -139,7 +163,7 @@ impl Master {
                 if let Some(why) = problem {
                     return self.roll_back(why, now);
                 }
-                if self.pool.generation_ready(r.generation) {
+                if self.pool.generation_full(r.generation, r.workers) {
                     self.promote(now);
                 }
             }
@@ -190,6 +214,7 @@ impl Master {
             .reconfigure(self.config.restart_limit, self.config.restart_window);
         let old = self.pool.generation;
         self.pool.generation = new;
+        super::resize_slots(&mut self.pool, r.workers, &self.cpus, now);
         for slot in &mut self.pool.slots {
             slot.backoff.reset();
         }
@@ -239,25 +264,48 @@ impl Master {
             return;
         };
         let ms = now.duration_since(r.started).as_millis() as u64;
-        let mut message = format!("generation {} serving", r.generation);
+        let version = self
+            .pool
+            .workers
+            .values()
+            .find(|w| w.generation == r.generation && w.version.is_some())
+            .and_then(|w| w.version.clone());
+        let mut message = format!(
+            "generation {} serving: {} worker(s), version {}",
+            r.generation,
+            r.workers,
+            version.as_deref().unwrap_or("unknown")
+        );
+        if !r.restart_needed.is_empty() {
+            message.push_str(&format!(
+                "; NOT applied until a restart (systemctl restart app): {}",
+                r.restart_needed.join("; ")
+            ));
+        }
+        self.restart_needed = r.restart_needed.clone();
         if r.cut > 0 {
             message.push_str(&format!(
                 "; {} connection(s) of the old generation cut (still busy at drain_timeout, or hung)",
                 r.cut
             ));
             warn!("reload finished in {ms} ms: {message}");
+        } else if !r.restart_needed.is_empty() {
+            warn!("reload finished in {ms} ms: {message}");
         } else {
             info!("reload finished in {ms} ms: {message}");
         }
-        let status = self.status_line(now);
-        self.notifier.ready(&status);
         self.last_reload = Some(ReloadReport {
             generation: r.generation,
             ok: true,
             message: message.clone(),
             duration_ms: ms,
             connections_cut: r.cut,
+            workers: r.workers,
+            version,
+            restart_needed: r.restart_needed,
         });
+        let status = self.status_line(now);
+        self.notifier.ready(&status);
         for w in r.waiters {
             let _ = w.send(Reply {
                 ok: true,
@@ -290,12 +338,46 @@ impl Master {
             ok: false,
             message: why,
             duration_ms: ms,
-            connections_cut: 0,
+            ..Default::default()
         });
         for w in waiters {
             let _ = w.send(Reply::error(msg.clone()));
         }
         self.follow_up();
+    }
+
+    /// Keys of `config` fixed for the life of the master: each one the file changed is set
+    /// back to its running value and named in the result.
+    fn keep_fixed_keys(&self, config: &mut Config) -> Vec<String> {
+        let mut changed = Vec::new();
+        if config.accept != self.config.accept {
+            changed.push(format!(
+                "accept (running {}, the file says {})",
+                accept_name(self.config.accept),
+                accept_name(config.accept)
+            ));
+            config.accept = self.config.accept;
+        }
+        if self.bound_by_hand && config.bind != self.config.bind {
+            changed.push(format!(
+                "bind (listening on {}, the file says {})",
+                self.config.bind, config.bind
+            ));
+        }
+        config.bind = self.config.bind;
+        let path = config
+            .control_socket
+            .clone()
+            .unwrap_or_else(crate::control::default_path);
+        if path != self.control_path {
+            changed.push(format!(
+                "control_socket (at {}, the file says {})",
+                self.control_path.display(),
+                path.display()
+            ));
+        }
+        config.control_socket = self.config.control_socket.clone();
+        changed
     }
 
     /// Starts the one rollover that serves every reload requested meanwhile.
@@ -323,5 +405,12 @@ impl Master {
             warn!("reload abandoned: the service is stopping");
             let _ = w.send(Reply::error("reload abandoned: the service is stopping"));
         }
+    }
+}
+
+fn accept_name(a: AcceptStrategy) -> &'static str {
+    match a {
+        AcceptStrategy::Shared => "shared",
+        AcceptStrategy::RoundRobin => "round-robin",
     }
 }

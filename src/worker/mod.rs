@@ -197,7 +197,13 @@ async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
             ));
         }
     }
-    if to_master.send(ipc::encode(&ToMaster::Ready)).await.is_err() {
+    if to_master
+        .send(ipc::encode(&ToMaster::Ready {
+            version: Some(crate::version::VERSION.to_string()),
+        }))
+        .await
+        .is_err()
+    {
         return crate::exit::OK;
     }
     info!("worker serving");
