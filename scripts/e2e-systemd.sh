@@ -346,7 +346,7 @@ stage_and_install() {
     [ "$VERBOSE" = 1 ] && printf '%s\n' "$out" | sed 's/^/    /' >&2
     printf '%s\n' "$out" | grep -q 'daemon-reload: done' || { printf '%s\n' "$out" >&2; die "install.sh did not daemon-reload"; }
     if [ -n "${E2E_ACCEPT:-}" ]; then   # test the other accept strategy
-        IN sed -i "s/^accept = .*/accept = \"$E2E_ACCEPT\"/" /etc/app/app.toml
+        IN sed -i "s/^#\{0,1\} *accept = .*/accept = \"$E2E_ACCEPT\"/" /etc/app/app.toml
         log "accept = \"$E2E_ACCEPT\" in /etc/app/app.toml"
     fi
     INSTALL_MS=$(( $(now_ms) - t0 ))
