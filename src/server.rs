@@ -196,6 +196,8 @@ impl<S: Settings> Server<S> {
             Command::Serve(args) => self.serve(*args),
             Command::Reload(c) => code_of(cli::reload(c)),
             Command::Status { client, json } => code_of(cli::status(client, json)),
+            Command::Completions { shell } => code_of(crate::manual::completions(shell)),
+            Command::Man { out } => code_of(crate::manual::man(out.as_deref())),
         }
     }
 
