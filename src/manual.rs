@@ -202,7 +202,10 @@ mod tests {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut cmd, "app", &mut out);
             let text = String::from_utf8(out).unwrap();
-            assert!(text.contains("reload") && text.contains("--control-socket"));
+            assert!(
+                text.contains("reload") && text.contains("control-socket"),
+                "{shell}"
+            );
         }
     }
 }
