@@ -15,7 +15,10 @@
 #   APP_BIN=PATH       binary to test (default: cargo build --release, then
 #                      target/release/app; E2E_BUILD=0 skips the build if it exists)
 #   E2E_CHECKS="..."   run only these checks (names: analyze activation sandboxing
-#                      journal reload reload-broken kill-worker access-log watchdog restart stop)
+#                      journal reload reload-broken kill-worker access-log watchdog restart stop
+#                      docs deb)
+#   APP_DEB=PATH       .deb for the deb check (default: scripts/package.sh --no-build
+#                      on the host before the sandbox starts)
 #   E2E_ACCEPT=round-robin  run with this accept strategy (default: app.toml's)
 #   E2E_LOAD_RATE=100  requests/s of each of the 2 load clients (curl --rate)
 #   E2E_LIFETIME=900   hard limit (s) for the sandbox, in case everything else fails
@@ -38,7 +41,7 @@ STATE_PREFIX=app-e2e.
 LIFETIME=${E2E_LIFETIME:-900}
 LOAD_RATE=${E2E_LOAD_RATE:-100}
 VERBOSE=${E2E_VERBOSE:-0}
-ALL_CHECKS="analyze activation sandboxing journal reload reload-broken kill-worker access-log watchdog restart stop"
+ALL_CHECKS="analyze activation sandboxing journal reload reload-broken kill-worker access-log watchdog restart stop docs deb"
 CHECKS=${E2E_CHECKS:-$ALL_CHECKS}
 IN_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 STAGE=/var/tmp/app-e2e    # inside the container: units, install.sh, binary
@@ -777,6 +780,110 @@ check_stop() {  # systemctl stop during a slow request: the request completes
     case "$(http / 15)" in *" 200") ;; *) fail "no re-activation through app.socket after stop" ;; esac
 }
 
+check_docs() {  # install.sh's man pages and completions
+    local w out c
+    w=$(IN man -w app 2>&1) || fail "man -w app: $w" || return 1
+    out=$(IN env MANPAGER=cat MANWIDTH=100 man app 2>&1) || fail "man app failed: $(printf '%s' "$out" | head -c 200)" || return 1
+    note "man -w app: $w; man app: $(printf '%s\n' "$out" | wc -l) lines; pages: $(IN ls /usr/local/share/man/man1 | grep '^app' | paste -sd ' ' -)"
+    printf '%s\n' "$out" | grep -q 'EXIT STATUS' && printf '%s\n' "$out" | grep -q 'app-reload(1)' ||
+        fail "man app lacks EXIT STATUS or app-reload(1)" || return 1
+    IN env MANPAGER=cat man app-serve 2>/dev/null | grep -q -- '--workers' || fail "man app-serve shows no --workers" || return 1
+    for c in /usr/local/share/bash-completion/completions/app /usr/local/share/zsh/site-functions/_app \
+        /usr/local/share/fish/vendor_completions.d/app.fish; do
+        IN test -s "$c" || fail "no completion file $c" || return 1
+    done
+    # bash: load the script and complete "app re<TAB>"
+    c=$(IN bash -c '. /usr/local/share/bash-completion/completions/app || exit 1
+        COMP_WORDS=(app re); COMP_CWORD=1; COMP_LINE="app re"; COMP_POINT=6
+        _app app re app; echo "${COMPREPLY[*]}"' 2>&1)
+    note "bash: app re<TAB> -> $c"
+    [ "$c" = reload ] || fail "bash completion of 'app re' gave '$c'"
+}
+
+check_deb() {  # the .deb (scripts/package.sh) in place of install.sh's copy, then restored
+    local sock0 out rc r w bad=0
+    [ -n "${DEB:-}" ] || fail "no .deb: ${DEB_ERROR:-not built}" || return 1
+    sock0=$(prop app.socket ActiveState)
+    cp "$DEB" "$ROOT$STAGE/app.deb"
+    # dpkg would ask about a config file it did not install: remove install.sh's copy first
+    out=$(IN "$STAGE/scripts/install.sh" --uninstall --purge 2>&1) || fail "install.sh --uninstall: $out" || return 1
+    deb_body; rc=$?
+    # restore install.sh's copy (as stage_and_install left it) for any later check
+    IN dpkg --purge app >/dev/null 2>&1
+    out=$(IN "$STAGE/scripts/install.sh" --binary "$STAGE/app" 2>&1) || { fail "restoring install.sh's copy: $out"; bad=1; }
+    [ -n "${E2E_ACCEPT:-}" ] && IN sed -i "s/^accept = .*/accept = \"$E2E_ACCEPT\"/" /etc/app/app.toml
+    [ "$sock0" = active ] && { IN systemctl start app.socket || { fail "restarting app.socket after the deb check"; bad=1; }; }
+    [ "$rc" = 0 ] && [ "$bad" = 0 ]
+}
+
+deb_body() {
+    local out rc r st ms t0 listen
+    t0=$(now_ms)
+    out=$(IN env DEBIAN_FRONTEND=noninteractive dpkg -i "$STAGE/app.deb" 2>&1); rc=$?
+    note "dpkg -i $(basename "$DEB"): rc=$rc, $(( $(now_ms) - t0 )) ms"
+    [ "$rc" = 0 ] || fail "dpkg -i failed: $(printf '%s\n' "$out" | tail -n 3 | paste -sd '|' -)" || return 1
+    st="$(IN systemctl is-enabled app.socket 2>&1)/$(IN systemctl is-enabled app.service 2>&1) $(prop app.socket ActiveState)/$(prop app.service ActiveState)"
+    note "after install: enabled socket/service $st; $(prop app.service FragmentPath): $(prop app.service ExecStart | grep -o 'path=[^ ;]*' | head -n1)"
+    # (app.service's [Install] has only Also=, so systemd calls it "indirect")
+    case "$st" in "disabled/disabled inactive/inactive"|"disabled/indirect inactive/inactive") ;;
+        *) fail "installing enabled or started something: $st" || return 1 ;; esac
+    prop app.service ExecStart | grep -q 'path=/usr/bin/app ' || fail "ExecStart is not /usr/bin/app: $(prop app.service ExecStart)" || return 1
+    IN dpkg-query -W -f='${Conffiles}' app | grep -q '/etc/app/app.toml' || fail "/etc/app/app.toml is not a conffile" || return 1
+    r=$(IN man -w app 2>&1); note "man -w app: $r"
+    case "$r" in /usr/share/man/man1/app.1*) ;; *) fail "man -w app: $r" || return 1 ;; esac
+    IN systemctl start app.socket || fail "systemctl start app.socket failed" || return 1
+    r=$(http / 15)
+    note "curl /: ${r//$'\n'/ }"
+    case "$r" in *" 200") ;; *) fail "no 200 from the packaged service: $r" || return 1 ;; esac
+    t0=$(now_ms)
+    out=$(IN systemctl reload app 2>&1); rc=$?
+    ms=$(( $(now_ms) - t0 ))
+    note "systemctl reload app: rc=$rc, $ms ms; $(IN app status 2>&1 | head -n1)"
+    [ "$rc" = 0 ] || fail "systemctl reload app failed: $out" || return 1
+    t0=$(now_ms)
+    out=$(IN dpkg -r app 2>&1); rc=$?
+    listen=$(IN ss -Hltn 'sport = :8080' 2>&1)
+    st="$(prop app.service LoadState)/$(prop app.socket LoadState)"
+    r=$(IN curl -s -o /dev/null --max-time 5 -w '%{exitcode}' "$URL/")
+    note "dpkg -r app: rc=$rc, $(( $(now_ms) - t0 )) ms; units $st; listening on :8080: '${listen}'; curl exit $r; app processes: $(IN pgrep -xc app)"
+    [ "$rc" = 0 ] || fail "dpkg -r app failed: $out" || return 1
+    [ "$st" = not-found/not-found ] || fail "units still known after dpkg -r: $st" || return 1
+    [ -z "$listen" ] && [ "$r" = 7 ] || fail "something still listens on :8080 after dpkg -r ($listen; curl exit $r)" || return 1
+    ! IN pgrep -x app >/dev/null || fail "app processes left after dpkg -r: $(IN pgrep -xa app | paste -sd '|' -)" || return 1
+    IN test ! -e /usr/bin/app || fail "/usr/bin/app left after dpkg -r" || return 1
+    IN test -f /etc/app/app.toml || fail "dpkg -r removed the conffile /etc/app/app.toml" || return 1
+    out=$(IN dpkg --purge app 2>&1); rc=$?
+    note "dpkg --purge app: rc=$rc; /etc/app $(IN test -e /etc/app && echo present || echo gone)"
+    [ "$rc" = 0 ] || fail "dpkg --purge app failed: $out" || return 1
+    IN test ! -e /etc/app || fail "/etc/app left after dpkg --purge: $(IN ls -A /etc/app | paste -sd ' ' -)"
+}
+
+# build_deb: scripts/package.sh on the host (or APP_DEB); sets DEB or DEB_ERROR
+build_deb() {
+    local user=${SUDO_USER:-root} home out t0
+    DEB=""; DEB_ERROR=""
+    if [ -n "${APP_DEB:-}" ]; then
+        [ -f "$APP_DEB" ] && DEB=$(readlink -f "$APP_DEB") || DEB_ERROR="APP_DEB=$APP_DEB is not a file"
+        return 0
+    fi
+    home=$(getent passwd "$user" | cut -d: -f6)
+    log "scripts/package.sh --no-build (the deb check) ..."
+    t0=$(now_ms)
+    if [ "$user" != root ] && [ "$(stat -c %U "$SRC")" = "$user" ]; then
+        out=$(runuser -u "$user" -- env PATH="$home/.cargo/bin:$PATH" "$SRC/scripts/package.sh" --no-build 2>"$STATE_BASE/app-e2e-package.log")
+    else
+        out=$(env PATH="$home/.cargo/bin:$PATH" "$SRC/scripts/package.sh" --no-build 2>"$STATE_BASE/app-e2e-package.log")
+    fi
+    DEB=$(printf '%s\n' "$out" | tail -n1)
+    if [ -z "$DEB" ] || [ ! -f "$DEB" ]; then
+        DEB=""; DEB_ERROR="scripts/package.sh failed: $(tail -n 3 "$STATE_BASE/app-e2e-package.log" | paste -sd '|' -)"
+        log "$DEB_ERROR"
+    else
+        log "built $DEB in $(( $(now_ms) - t0 )) ms"
+    fi
+    rm -f "$STATE_BASE/app-e2e-package.log"
+}
+
 # ---------------------------------------------------------------------------
 main() {
     case "${1:-}" in
@@ -792,6 +899,7 @@ main() {
     done
     ensure_tools
     find_binary
+    case " $CHECKS " in *" deb "*) build_deb ;; esac
     cleanup_stale
     STATE=$(mktemp -d "$STATE_BASE/${STATE_PREFIX}XXXXXX") || die "mktemp failed"
     NAME=$(sandbox_name "$STATE")
@@ -829,6 +937,8 @@ run_all() {
     run_check watchdog      "SIGSTOP master: watchdog kills, Restart= restarts, clients answered" check_watchdog
     run_check restart       "systemctl restart under load: nothing refused or reset"             check_restart
     run_check stop          "systemctl stop during a slow request: request completes"            check_stop
+    run_check docs          "man app and the bash/zsh/fish completions from install.sh"         check_docs
+    run_check deb           "the .deb: install enables nothing, serves, reloads; dpkg -r/--purge clean" check_deb
 
     if [ "$FAILED" -gt 0 ]; then
         log "failed:$FAILED_NAMES - last journal lines of app:"

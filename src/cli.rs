@@ -1,5 +1,6 @@
 //! The command line: `serve` (the master), `check` (the configuration, without a master),
-//! and the operator's clients `status`, `reload` and `scale`.
+//! the operator's clients `status`, `reload` and `scale`, and `completions` / `man`
+//! (generated from these definitions, see `manual`).
 //!
 //! [`crate::Server::main`] parses it for a program that has no command line of its own. A
 //! program that has one embeds [`Command`] (or just [`ServeArgs`](crate::ServeArgs)) in its
@@ -70,6 +71,18 @@ pub enum Command {
         /// How to reach the master.
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Print a shell completion script for `app` (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page app(1) as roff, or write app.1 and one page per subcommand to DIR.
+    #[command(hide = true)]
+    Man {
+        /// Write app.1, app-serve.1, ... into this directory instead of printing app.1.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
 }
 

@@ -55,6 +55,7 @@ mod ipc;
 mod listen;
 mod loadboard;
 mod logging;
+mod manual;
 mod master;
 mod notify;
 mod server;

@@ -205,6 +205,8 @@ impl<S: Settings> Server<S> {
                 code_of(cli::check(&serve, json, check_settings::<S>))
             }
             Command::Scale { workers, client } => code_of(cli::scale(client, &workers)),
+            Command::Completions { shell } => code_of(crate::manual::completions(shell)),
+            Command::Man { out } => code_of(crate::manual::man(out.as_deref())),
         }
     }
 
