@@ -105,6 +105,8 @@ pub struct Config {
     /// The `[service]` table as written (an empty table when absent), checked by the
     /// user's settings type and handed to every worker.
     pub service: toml::Value,
+    /// The `[tls]` table, its pair checked (see [`crate::tls`]); `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// Flags of `app serve`. Every value also reads from `APP_<KEY>`; all are optional so that
@@ -195,6 +197,39 @@ struct FileConfig {
     http: FileHttp,
     #[serde(default)]
     service: Option<toml::Table>,
+    tls: Option<FileTls>,
+}
+
+/// The `[tls]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: String,
+    key: String,
+    sockets: Option<Vec<String>>,
+}
+
+impl FileTls {
+    /// Resolves `credential:` paths and checks the pair, as the master does on every load.
+    fn check(&self) -> Result<crate::tls::TlsSettings, Fatal> {
+        let cert = crate::tls::resolve_path(&self.cert).map_err(|e| invalid("tls.cert", e))?;
+        let key = crate::tls::resolve_path(&self.key).map_err(|e| invalid("tls.key", e))?;
+        if self.sockets.as_ref().is_some_and(Vec::is_empty) {
+            return Err(invalid(
+                "tls.sockets",
+                "is empty: name the sockets that speak TLS, or leave it out for all",
+            ));
+        }
+        let loaded = crate::tls::load(&cert, &key, crate::tls::now_unix())
+            .map_err(|e| Fatal::config(format!("config error: tls: {e}")))?;
+        Ok(crate::tls::TlsSettings {
+            cert,
+            key,
+            sockets: self.sockets.clone(),
+            not_after: loaded.not_after,
+            serial: loaded.serial,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -434,6 +469,7 @@ impl Config {
             chaos_boot_crash: args.chaos_boot_crash,
             http,
             service: toml::Value::Table(f.service.unwrap_or_default()),
+            tls: f.tls.as_ref().map(FileTls::check).transpose()?,
         };
         cfg.validate()?;
         check(&cfg.service).map_err(|e| invalid("service", e))?;

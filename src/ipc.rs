@@ -42,6 +42,9 @@ pub struct WorkerSetup {
     pub drain_timeout_ms: u64,
     /// For `--chaos-boot-crash`: exit before reporting ready.
     pub crash_on_boot: bool,
+    /// TLS for the sockets it names; the worker reads the pair itself, once.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// Master → worker.

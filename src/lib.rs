@@ -60,6 +60,7 @@ mod master;
 mod notify;
 mod server;
 mod shutdown;
+mod tls;
 mod version;
 mod worker;
 

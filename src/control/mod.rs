@@ -110,6 +110,19 @@ pub struct StatusReport {
     /// Keys whose new value in the configuration file is not in effect until a restart.
     #[serde(default)]
     pub restart_needed: Vec<String>,
+    /// The serving generation's TLS certificate, when `[tls]` is on.
+    #[serde(default)]
+    pub tls: Option<TlsReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TlsReport {
+    /// The leaf certificate's serial number (hex).
+    pub serial: String,
+    /// Whole days until it expires.
+    pub days_left: i64,
+    /// Its end of validity, Unix seconds.
+    pub not_after: i64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -375,6 +388,13 @@ pub fn render_table(s: &StatusReport) -> String {
             g.generation,
             g.workers,
             g.version.as_deref().unwrap_or("not reported yet")
+        );
+    }
+    if let Some(t) = &s.tls {
+        let _ = writeln!(
+            out,
+            "TLS certificate serial {}: {} day(s) left",
+            t.serial, t.days_left
         );
     }
     if !s.restart_needed.is_empty() {

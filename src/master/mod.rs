@@ -882,6 +882,7 @@ impl Master {
             accept: config.accept,
             drain_timeout_ms: config.drain_timeout.as_millis() as u64,
             crash_on_boot: config.chaos_boot_crash,
+            tls: config.tls.clone(),
         };
         let tx = self.attach_channel(pid, spawned.channel)?;
         let handoff = Arc::new(spawned.handoff);

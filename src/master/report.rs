@@ -175,6 +175,11 @@ impl Master {
             configured_workers: self.config.workers,
             generations,
             restart_needed: self.restart_needed.clone(),
+            tls: self.config.tls.as_ref().map(|t| crate::control::TlsReport {
+                serial: t.serial.clone(),
+                days_left: t.days_left(crate::tls::now_unix()),
+                not_after: t.not_after,
+            }),
         }
     }
 }

@@ -98,6 +98,8 @@ pub struct Server {
     budget: Arc<BodyBudget>,
     h1: http1::Builder,
     h2: http2::Builder<LocalExec>,
+    /// The TLS acceptor, and which listening sockets use it.
+    tls: Option<(tokio_rustls::TlsAcceptor, Vec<bool>)>,
     /// Connection error kinds already logged at info (each is logged once, then at debug).
     logged_errors: RefCell<BTreeSet<&'static str>>,
 }
@@ -133,7 +135,23 @@ impl Server {
                 limits.max_connections
             );
         }
+        let tls = match &setup.tls {
+            None => None,
+            Some(t) => {
+                // Read once, here: from now on the key lives in this process's memory only.
+                let loaded = crate::tls::load(&t.cert, &t.key, crate::tls::now_unix())?;
+                let config = crate::tls::server_config(&loaded)?;
+                let on = setup.listeners.iter().map(|n| t.applies_to(n)).collect();
+                info!(
+                    "TLS with certificate serial {} ({} day(s) left)",
+                    loaded.serial,
+                    t.days_left(crate::tls::now_unix())
+                );
+                Some((tokio_rustls::TlsAcceptor::from(config), on))
+            }
+        };
         Ok(Server {
+            tls,
             conn_limit,
             handlers,
             addresses: (0..setup.listeners.len())
@@ -233,6 +251,14 @@ impl Server {
         } else {
             debug!("connection error ({kind}): {e}");
         }
+    }
+
+    /// The TLS acceptor for listening socket `index`, if it speaks TLS.
+    fn tls_acceptor(&self, index: usize) -> Option<tokio_rustls::TlsAcceptor> {
+        self.tls
+            .as_ref()
+            .filter(|(_, on)| on.get(index).copied().unwrap_or(false))
+            .map(|(a, _)| a.clone())
     }
 
     /// Whether this request goes to the access log.
@@ -373,7 +399,10 @@ fn spawn_conn(
     tokio::task::spawn_local(async move {
         let _permit = permit;
         match handler {
-            Handler::Http(svc) => serve_http(conn, svc, server, shutdown, counted).await,
+            Handler::Http(svc) => match server.tls_acceptor(index) {
+                Some(acceptor) => serve_tls(conn, acceptor, svc, server, shutdown, counted).await,
+                None => serve_http(conn, None, svc, server, shutdown, counted).await,
+            },
             Handler::Tcp(h) => {
                 let name = index;
                 if let Err(e) = h(Connection::new(conn, counted, name)).await {
@@ -581,13 +610,16 @@ impl Drop for Tracked {
 /// connection to go away (GOAWAY) at once, and an HTTP/1 connection to close after its
 /// request in flight when the drain reaches [`Stage::CloseIdle`] (until then its responses
 /// carry `Connection: close`).
-async fn serve_http(
-    io: Stream,
+async fn serve_http<IO>(
+    io: IO,
+    alpn_h2: Option<bool>,
     svc: BoxHttp,
     server: Rc<Server>,
     mut shutdown: Shutdown,
     counted: ConnGuard,
-) {
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let limits = &server.limits;
     let clock = ConnClock::new(
         limits.header_read_timeout,
@@ -628,11 +660,13 @@ async fn serve_http(
         })
     };
     let mut io = Watched::new(io, clock.clone(), counted);
-    let head_deadline = clock.next_check();
-    let h2 = match tokio::time::timeout_at(head_deadline, io.sniff_h2()).await {
-        Ok(Ok(h2)) => h2,
-        // Silent past the head timeout, or gone: nothing to answer.
-        Ok(Err(_)) | Err(_) => return,
+    let h2 = match alpn_h2 {
+        Some(h2) => h2,
+        None => match tokio::time::timeout_at(clock.next_check(), io.sniff_h2()).await {
+            Ok(Ok(h2)) => h2,
+            // Silent past the head timeout, or gone: nothing to answer.
+            Ok(Err(_)) | Err(_) => return,
+        },
     };
     let result = if h2 {
         let conn = server.h2.serve_connection(TokioIo::new(io), service);
@@ -647,6 +681,35 @@ async fn serve_http(
     if let Err(e) = result {
         server.log_conn_error(&e);
     }
+}
+
+/// Serves one connection on a TLS socket: the handshake (bounded by the head timeout), then
+/// HTTP/2 or HTTP/1.1 as ALPN chose.
+async fn serve_tls(
+    conn: Stream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    svc: BoxHttp,
+    server: Rc<Server>,
+    shutdown: Shutdown,
+    counted: ConnGuard,
+) {
+    let handshake = tokio::time::timeout(server.limits.header_read_timeout, acceptor.accept(conn));
+    let tls = match handshake.await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            server.log_conn_error(&e);
+            return;
+        }
+        Err(_) => {
+            debug!(
+                "TLS handshake not done within {:?}: closing",
+                server.limits.header_read_timeout
+            );
+            return;
+        }
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    serve_http(tls, Some(h2), svc, server, shutdown, counted).await
 }
 
 /// A hyper connection that can be asked to finish gracefully.
