@@ -283,7 +283,8 @@ fn bad_pairs_fail_the_reload_and_the_old_certificate_keeps_serving() {
         std::fs::read_to_string(d.join("tls.key")).unwrap(),
     );
     let other = leaf(&ca, 0x0b0b, false);
-    let cases: Vec<(&str, Box<dyn Fn()>)> = vec![
+    type Breaks<'a> = Vec<(&'a str, Box<dyn Fn() + 'a>)>;
+    let cases: Breaks = vec![
         (
             "expired",
             Box::new(|| write_pair(&d, &leaf(&ca, 0x0c0c, true))),
