@@ -15,7 +15,7 @@
 #   APP_BIN=PATH       binary to test (default: cargo build --release, then
 #                      target/release/app; E2E_BUILD=0 skips the build if it exists)
 #   E2E_CHECKS="..."   run only these checks (names: analyze activation sandboxing
-#                      journal reload reload-broken kill-worker access-log watchdog restart stop
+#                      journal reload reload-broken kill-worker access-log tls watchdog restart stop
 #                      docs deb)
 #   APP_DEB=PATH       .deb for the deb check (default: scripts/package.sh --no-build
 #                      on the host before the sandbox starts)
@@ -41,7 +41,7 @@ STATE_PREFIX=app-e2e.
 LIFETIME=${E2E_LIFETIME:-900}
 LOAD_RATE=${E2E_LOAD_RATE:-100}
 VERBOSE=${E2E_VERBOSE:-0}
-ALL_CHECKS="analyze activation sandboxing journal reload reload-broken kill-worker access-log watchdog restart stop docs deb"
+ALL_CHECKS="analyze activation sandboxing journal reload reload-broken kill-worker access-log tls watchdog restart stop docs deb"
 CHECKS=${E2E_CHECKS:-$ALL_CHECKS}
 IN_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 STAGE=/var/tmp/app-e2e    # inside the container: units, install.sh, binary
@@ -682,6 +682,54 @@ check_kill_worker() {  # SIGKILL of a worker: replaced, visible in the journal
     case "$(http /)" in *" 200") ;; *) fail "not serving after the worker was replaced" ;; esac
 }
 
+check_tls() {  # [tls] with LoadCredential= under DynamicUser: https 200, key private, rotated by restart
+    local d=/etc/app/tls mode exposure serial r
+    IN mkdir -p "$d"; IN chmod 0700 "$d"
+    IN sh -c "cd $d && umask 077 &&
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -subj /CN=e2e-ca -days 2 &&
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\n' > ext.cnf &&
+        for s in 1001 2002; do
+            openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout \$s.key -out \$s.csr -subj /CN=localhost &&
+            openssl x509 -req -in \$s.csr -CA ca.crt -CAkey ca.key -set_serial 0x\$s -days 2 -extfile ext.cnf -out \$s.crt || exit 1
+        done && cp 1001.crt tls.crt && cp 1001.key tls.key" >/dev/null 2>&1 || { fail "openssl could not make the test certificates"; return 1; }
+    IN mkdir -p /etc/systemd/system/app.service.d
+    IN sh -c 'printf "[Service]\nLoadCredential=tls.crt:/etc/app/tls/tls.crt\nLoadCredential=tls.key:/etc/app/tls/tls.key\nSockets=app.socket app-tls.socket\n" > /etc/systemd/system/app.service.d/tls.conf'
+    IN sh -c 'printf "[Socket]\nListenStream=127.0.0.1:8443\nFileDescriptorName=https\nService=app.service\n" > /etc/systemd/system/app-tls.socket'
+    IN cp /etc/app/app.toml /run/app.toml.e2e-tls
+    IN sh -c 'printf "\n[tls]\ncert = \"credential:tls.crt\"\nkey = \"credential:tls.key\"\nsockets = [\"https\"]\n" >> /etc/app/app.toml'
+    IN systemctl daemon-reload
+    IN systemctl start app-tls.socket
+    IN systemctl restart app.service
+    tls_off() {
+        IN cp /run/app.toml.e2e-tls /etc/app/app.toml
+        IN rm -f /etc/systemd/system/app.service.d/tls.conf
+        IN systemctl stop app-tls.socket; IN rm -f /etc/systemd/system/app-tls.socket
+        IN systemctl daemon-reload; IN systemctl restart app.service
+    }
+    tls_get() { IN curl -sS --max-time 10 --cacert "$d/ca.crt" -w ' %{http_code}' "https://127.0.0.1:8443$1" 2>&1; }
+    served_serial() { IN sh -c "openssl s_client -connect 127.0.0.1:8443 -servername localhost </dev/null 2>/dev/null | openssl x509 -noout -serial" | sed 's/^serial=//'; }
+    https_ok() { case "$(tls_get /)" in *" 200") return 0 ;; esac; return 1; }
+    wait_for 10 https_ok
+    r=$(tls_get /)
+    note "curl --cacert https://127.0.0.1:8443/: $r; plain http://127.0.0.1:8080/: $(http /)"
+    case "$r" in *" 200") ;; *) tls_off; fail "https -> $r: $(IN journalctl -u app --no-pager -n 5 -o cat | paste -sd '|' -)"; return 1 ;; esac
+    mode=$(IN sh -c 'stat -c "%a %U" /run/credentials/app.service/tls.key' 2>&1)
+    exposure=$(IN systemd-analyze security --no-pager app.service 2>&1 | sed -n 's/.*Overall exposure level for app.service: \([0-9.]*\).*/\1/p')
+    serial=$(served_serial)
+    note "credential tls.key: mode/owner $mode; exposure with LoadCredential= $exposure; serial served $serial"
+    IN cp "$d/2002.crt" "$d/tls.crt"; IN cp "$d/2002.key" "$d/tls.key"
+    IN systemctl restart app.service
+    rotated_ok() { [ "$(served_serial)" = 2002 ]; }
+    wait_for 10 rotated_ok
+    local rotated; rotated=$(served_serial)
+    note "after systemctl restart app with a new pair: serial $rotated, $(tls_get /)"
+    tls_off
+    case "$mode" in 400\ *|600\ *) ;; *) fail "credential mode/owner: $mode"; return 1 ;; esac
+    awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }' || fail "exposure $exposure > 2.0 with LoadCredential=" || return 1
+    [ "$serial" = 1001 ] || fail "served serial $serial, expected 1001" || return 1
+    [ "$rotated" = 2002 ] || fail "after rotation served serial $rotated, expected 2002"
+}
+
 check_access_log() {  # [http] access_log: one journal entry per request, HTTP_* fields filter
     local n path fields
     IN cp /etc/app/app.toml /run/app.toml.e2e-access
@@ -934,6 +982,7 @@ run_all() {
     run_check reload-broken "reload with a broken config fails; service keeps serving"           check_reload_broken
     run_check kill-worker   "SIGKILL a worker: replaced, in the journal, WORKER_ID= shows why"   check_kill_worker
     run_check access-log    "access_log = true: HTTP_STATUS=404 finds the request, with fields"   check_access_log
+    run_check tls           "[tls] from LoadCredential= under DynamicUser: https, key private, rotation" check_tls
     run_check watchdog      "SIGSTOP master: watchdog kills, Restart= restarts, clients answered" check_watchdog
     run_check restart       "systemctl restart under load: nothing refused or reset"             check_restart
     run_check stop          "systemctl stop during a slow request: request completes"            check_stop
