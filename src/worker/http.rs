@@ -335,10 +335,17 @@ pub async fn accept_loop(
         }
         if permits.available_permits() == 0 && !capped_logged {
             capped_logged = true;
-            warn!(
-                "{} connections open (max_connections, or the descriptor limit): not accepting until one closes",
-                server.conn_limit
-            );
+            if server.conn_limit == server.limits.max_connections {
+                warn!(
+                    "max_connections ({}) reached: not accepting until a connection closes",
+                    server.conn_limit
+                );
+            } else {
+                warn!(
+                    "{} connections open, as many as the descriptor limit allows: not accepting until one closes",
+                    server.conn_limit
+                );
+            }
         }
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
