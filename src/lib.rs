@@ -56,6 +56,7 @@ mod listen;
 mod loadboard;
 mod logging;
 mod master;
+mod metrics;
 mod notify;
 mod server;
 mod shutdown;
@@ -63,6 +64,7 @@ mod worker;
 
 pub use cli::{Cli, ClientArgs, Command};
 pub use config::ServeArgs;
+pub use metrics::user::{Counter, Gauge, Histogram, MetricError, Metrics};
 pub use server::{BoxError, NoSettings, Server, Settings, Worker};
 pub use shutdown::Shutdown;
 pub use worker::{BodyError, Connection, RequestBody};

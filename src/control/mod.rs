@@ -104,6 +104,14 @@ pub struct WorkerReport {
     pub rss_bytes: u64,
     pub pss_bytes: Option<u64>,
     pub restarts: u32,
+    /// Requests per second over the last heartbeat interval, from the metrics page (the
+    /// endpoint's `app_worker_requests_per_second`).
+    #[serde(default)]
+    pub rps_last_interval: f64,
+    /// 99th percentile request duration over that interval, in ms (the endpoint's
+    /// `app_worker_request_duration_p99_seconds`); 0 without requests.
+    #[serde(default)]
+    pub p99_ms_last_interval: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -308,13 +316,25 @@ pub fn render_table(s: &StatusReport) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>10} {:>6} {:>9} {:>9} {:>8}",
-        "ID", "PID", "CPU", "GEN", "STATE", "UPTIME", "REQUESTS", "CONNS", "RSS", "PSS", "RESTARTS"
+        "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>10} {:>6} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "ID",
+        "PID",
+        "CPU",
+        "GEN",
+        "STATE",
+        "UPTIME",
+        "REQUESTS",
+        "CONNS",
+        "RSS",
+        "PSS",
+        "RESTARTS",
+        "REQ/S",
+        "P99"
     );
     for w in &s.workers {
         let _ = writeln!(
             out,
-            "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>10} {:>6} {:>9} {:>9} {:>8}",
+            "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>10} {:>6} {:>9} {:>9} {:>8} {:>8.0} {:>8}",
             w.id,
             w.pid,
             w.cpu,
@@ -325,7 +345,9 @@ pub fn render_table(s: &StatusReport) -> String {
             w.connections,
             human_bytes(w.rss_bytes),
             w.pss_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
-            w.restarts
+            w.restarts,
+            w.rps_last_interval,
+            format!("{:.2}ms", w.p99_ms_last_interval)
         );
     }
     out

@@ -43,6 +43,7 @@ macro_rules! about {
 pub mod budget;
 mod dispatch;
 pub mod memory;
+mod metrics;
 pub mod pool;
 mod report;
 mod rollover;
@@ -163,6 +164,9 @@ pub struct Master {
     /// Starts that failed for want of a host resource, pool-wide, and the latest error.
     spawn_failures: u64,
     last_spawn_error: Option<String>,
+    /// The pool's metrics page (in the load board's memfd), if it could be made.
+    metrics: Option<crate::metrics::Page>,
+    interval: metrics::Interval,
 }
 
 /// Why the loop woke.
@@ -189,6 +193,13 @@ impl Master {
             .map_err(|e| exit::Fatal::os(format!("cannot open own executable: {e}")))?;
         let board = LoadBoard::create()
             .map_err(|e| exit::Fatal::os(format!("cannot create the load board: {e}")))?;
+        let metrics = match crate::metrics::Page::create(std::os::fd::AsFd::as_fd(board.fd())) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!("no metrics page ({e}): the metrics endpoint will answer 503");
+                None
+            }
+        };
         let (channel_tx, channel_rx) = mpsc::unbounded_channel();
         raise_fd_limit();
         let now = Instant::now();
@@ -229,6 +240,8 @@ impl Master {
             excused_at: now,
             spawn_failures: 0,
             last_spawn_error: None,
+            metrics,
+            interval: Default::default(),
         })
     }
 
@@ -307,6 +320,7 @@ impl Master {
                 return code;
             }
             self.report(now);
+            self.metrics_turn(now);
         }
     }
 
@@ -391,6 +405,12 @@ impl Master {
             } => {
                 w.last_pong = now;
                 w.pong_seq = w.pong_seq.max(seq);
+                if let (Some(p), Some(sent)) = (&self.metrics, w.ping_sent)
+                    && seq == w.ping_seq
+                    && seq > 0
+                {
+                    metrics::pong(p, w.board_index, now.saturating_duration_since(sent));
+                }
                 w.requests = requests;
                 w.connections = connections;
                 if w.request_limit > 0 && requests >= w.request_limit && w.retire.is_none() {
@@ -485,6 +505,7 @@ impl Master {
             let Some(w) = self.pool.workers.remove(&pid) else {
                 continue;
             };
+            self.metrics_reaped(&w);
             self.pool.requests_retired += w.requests;
             if !w.channel_closed {
                 self.pool.exited.insert(pid, w.requests);
@@ -677,6 +698,7 @@ impl Master {
                     && w.killed.is_none()
                 {
                     w.ping_seq += 1;
+                    w.ping_sent = Some(now);
                     w.send(ToWorker::Ping { seq: w.ping_seq });
                 }
             }
@@ -860,8 +882,12 @@ impl Master {
                 tx,
                 handoff,
                 board_index,
+                ping_sent: None,
             },
         );
+        if let Some(w) = self.pool.workers.get(&pid) {
+            self.metrics_spawned(w);
+        }
         info!(
             worker_id = slot,
             worker_pid = pid,
@@ -962,8 +988,21 @@ pub fn serve(
     let config = Config::load(&args, cpus.len(), check)?;
     crate::logging::init(&config.log_level, crate::logging::Identity::Master);
     // Both read and scrub the environment, so they run before any thread exists.
-    let (listeners, activated) = crate::listen::take_or_bind(config.bind)?;
+    let (mut listeners, activated) = crate::listen::take_or_bind(config.bind)?;
+    // The metrics endpoint: systemd's socket named `metrics`, else `--metrics ADDR`.
+    let metrics_name = crate::worker::METRICS_SOCKET;
+    if let Some(addr) = config.metrics
+        && !listeners.iter().any(|l| l.name == metrics_name)
+    {
+        let mut l = crate::listen::bind_tcp(addr)?;
+        l.name = metrics_name.to_string();
+        listeners.push(l);
+    }
     for (i, l) in listeners.iter().enumerate() {
+        // The library serves `metrics` itself unless the program registers a handler.
+        if l.name == metrics_name {
+            continue;
+        }
         if !handlers.default && !handlers.named.contains(&l.name) {
             return Err(exit::Fatal::config(format!(
                 "listening socket {i} ({}, name {:?}) has no handler: the program registers {}",

@@ -69,6 +69,8 @@ pub struct Worker {
     pub handoff: std::sync::Arc<std::os::fd::OwnedFd>,
     /// Its entry on the load board.
     pub board_index: usize,
+    /// When the latest heartbeat went out (for the round trip in the metrics).
+    pub ping_sent: Option<Instant>,
 }
 
 impl Worker {
@@ -98,6 +100,7 @@ impl Worker {
             let pinged = self.state == WorkerState::Ready && self.killed.is_none();
             if pinged {
                 self.ping_seq += 1;
+                self.ping_sent = Some(now);
                 self.send(ToWorker::Ping { seq: self.ping_seq });
             }
             self.drain_seq = Some((self.ping_seq, pinged));

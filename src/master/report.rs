@@ -106,6 +106,8 @@ impl Master {
                 rss_bytes: w.memory.rss,
                 pss_bytes: w.memory.pss,
                 restarts: self.pool.slots.get(w.slot).map_or(0, |s| s.restarts),
+                rps_last_interval: self.metrics_rates(w).0,
+                p99_ms_last_interval: self.metrics_rates(w).1,
             })
             .collect();
         StatusReport {
@@ -115,7 +117,10 @@ impl Master {
             target_workers: self.pool.slots.len(),
             serving_workers: self.pool.serving(),
             uptime_secs: now.duration_since(self.started).as_secs_f64(),
-            requests_total: self.pool.requests_total(),
+            // The endpoint's count (every answered request, live), else the heartbeats'.
+            requests_total: self
+                .metrics_requests_total()
+                .unwrap_or_else(|| self.pool.requests_total()),
             restarts_in_window: self.budget.used(now),
             restart_limit: self.budget.limit(),
             restart_window_secs: self.budget.window().as_secs(),
