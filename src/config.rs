@@ -353,13 +353,14 @@ impl Config {
                 .map_err(|e| invalid("bind", format!("{s:?} is not an address:port ({e})")))?,
             (None, None) => SocketAddr::from(([127, 0, 0, 1], 8080)),
         };
-        let metrics = match (&args.metrics, &f.metrics) {
-            (Some(m), _) => Some(*m),
-            (None, Some(s)) => Some(s.parse().map_err(|e| {
-                invalid("metrics", format!("{s:?} is not an address:port ({e})"))
-            })?),
-            (None, None) => None,
-        };
+        let metrics =
+            match (&args.metrics, &f.metrics) {
+                (Some(m), _) => Some(*m),
+                (None, Some(s)) => Some(s.parse().map_err(|e| {
+                    invalid("metrics", format!("{s:?} is not an address:port ({e})"))
+                })?),
+                (None, None) => None,
+            };
         let http = HttpLimits {
             header_read_timeout: file_duration(
                 &f.http.header_read_timeout,

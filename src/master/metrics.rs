@@ -35,7 +35,6 @@ impl Master {
             p.count_restart(cause);
         }
     }
-
 }
 
 /// A heartbeat answer came back after `rtt`.
@@ -97,10 +96,7 @@ impl Master {
         match &self.metrics {
             Some(p) => {
                 let a = p.live(w.board_index);
-                (
-                    a.get_f64(metrics::A_RPS),
-                    a.get_f64(metrics::A_P99) * 1e3,
-                )
+                (a.get_f64(metrics::A_RPS), a.get_f64(metrics::A_P99) * 1e3)
             }
             None => (0.0, 0.0),
         }

@@ -267,7 +267,10 @@ impl Collector for Snapshot {
                     let v = self.req[m * CLASSES.len() + c];
                     (v > 0 || (m == 0 && c == 1)).then(|| {
                         (
-                            vec![("method", method.to_string()), ("status", class.to_string())],
+                            vec![
+                                ("method", method.to_string()),
+                                ("status", class.to_string()),
+                            ],
                             v as f64,
                         )
                     })

@@ -178,7 +178,9 @@ impl Page {
     pub fn map(board: BorrowedFd<'_>) -> std::io::Result<Page> {
         let st = nix::sys::stat::fstat(board)?;
         if (st.st_size as usize) < OFFSET + BYTES {
-            return Err(std::io::Error::other("the board's memfd holds no metrics page"));
+            return Err(std::io::Error::other(
+                "the board's memfd holds no metrics page",
+            ));
         }
         // SAFETY: maps BYTES of a memfd at least OFFSET + BYTES long, shared, read-write.
         let ptr = unsafe {

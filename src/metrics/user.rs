@@ -350,7 +350,8 @@ fn register(
             put_str(page, e + E_NAME, NAME_WORDS, name);
             put_str(page, e + E_HELP, HELP_WORDS, help);
             for (b, v) in bounds.iter().enumerate() {
-                page.w(e + E_BOUNDS + b).store(v.to_bits(), Ordering::Relaxed);
+                page.w(e + E_BOUNDS + b)
+                    .store(v.to_bits(), Ordering::Relaxed);
             }
             state.store(READY, Ordering::Release);
             return Ok(words_of(area, offset, len));

@@ -66,10 +66,7 @@ fn metrics_handler() -> Handler {
     Handler::Http(Rc::new(|req: Request<RequestBody>| {
         async move {
             if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
-                return Ok(plain(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "metrics: GET only\n",
-                ));
+                return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "metrics: GET only\n"));
             }
             let Some(text) = crate::metrics::scrape() else {
                 return Ok(plain(
