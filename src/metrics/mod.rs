@@ -533,8 +533,8 @@ mod tests {
     #[test]
     fn fold_moves_counters_to_the_slot_and_keeps_gauges_out() {
         let board = crate::loadboard::LoadBoard::create().unwrap();
-        let page = Page::create(board.fd().into()).unwrap();
-        let other = Page::map(board.fd().into()).unwrap();
+        let page = Page::create(std::os::fd::AsFd::as_fd(board.fd())).unwrap();
+        let other = Page::map(std::os::fd::AsFd::as_fd(board.fd())).unwrap();
         page.attach(3, 1, 42, 1);
         let a = other.live(3);
         bump(a.w(A_REQ), 5);

@@ -101,7 +101,9 @@ impl Metrics {
     ) -> Result<Histogram, MetricError> {
         if buckets.is_empty()
             || buckets.len() > MAX_BUCKETS
-            || buckets.windows(2).any(|w| !(w[0] < w[1]))
+            || buckets
+                .windows(2)
+                .any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less))
             || buckets.iter().any(|b| !b.is_finite())
         {
             return Err(MetricError(format!(
