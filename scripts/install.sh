@@ -37,7 +37,7 @@ PURGE=0
 # The paths the unit files in systemd/ are written for.
 DEFAULT_BIN=/usr/local/bin/app
 DEFAULT_CONFIG=/etc/app/app.toml
-UNITS=(app.socket app.service)
+UNITS=(app.socket app-metrics.socket app.service)
 
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
