@@ -85,6 +85,8 @@ pub struct Config {
     pub config_file: Option<PathBuf>,
     pub workers: usize,
     pub bind: SocketAddr,
+    /// Where to serve the pool's metrics when systemd passes no socket named `metrics`.
+    pub metrics: Option<SocketAddr>,
     pub log_level: String,
     pub accept: AcceptStrategy,
     pub shutdown_timeout: Duration,
@@ -122,6 +124,10 @@ pub struct ServeArgs {
     /// Address to bind when no socket is passed in by systemd [default: 127.0.0.1:8080].
     #[arg(long, env = "APP_BIND", value_name = "ADDR")]
     pub bind: Option<SocketAddr>,
+    /// Serve the pool's Prometheus/OpenMetrics endpoint on ADDR (bound by the master,
+    /// served by the workers); under systemd, a socket named `metrics` does the same.
+    #[arg(long, env = "APP_METRICS", value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     /// Log level or filter (RUST_LOG syntax) [default: info; RUST_LOG also works].
     #[arg(long, env = "APP_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -178,6 +184,7 @@ pub struct ServeArgs {
 struct FileConfig {
     workers: Option<usize>,
     bind: Option<String>,
+    metrics: Option<String>,
     log_level: Option<String>,
     accept: Option<AcceptStrategy>,
     shutdown_timeout: Option<String>,
@@ -381,6 +388,14 @@ impl Config {
                 .map_err(|e| invalid("bind", format!("{s:?} is not an address:port ({e})")))?,
             (None, None) => SocketAddr::from(([127, 0, 0, 1], 8080)),
         };
+        let metrics =
+            match (&args.metrics, &f.metrics) {
+                (Some(m), _) => Some(*m),
+                (None, Some(s)) => Some(s.parse().map_err(|e| {
+                    invalid("metrics", format!("{s:?} is not an address:port ({e})"))
+                })?),
+                (None, None) => None,
+            };
         let http = HttpLimits {
             header_read_timeout: file_duration(
                 &f.http.header_read_timeout,
@@ -424,6 +439,7 @@ impl Config {
             config_file: args.config.clone(),
             workers: args.workers.or(f.workers).unwrap_or(default_workers),
             bind,
+            metrics,
             log_level: args
                 .log_level
                 .clone()

@@ -57,6 +57,7 @@ mod loadboard;
 mod logging;
 mod manual;
 mod master;
+mod metrics;
 mod notify;
 mod server;
 mod shutdown;
@@ -66,6 +67,7 @@ mod worker;
 
 pub use cli::{Cli, ClientArgs, Command};
 pub use config::ServeArgs;
+pub use metrics::user::{Counter, Gauge, Histogram, MetricError, Metrics};
 pub use server::{BoxError, NoSettings, Server, Settings, Worker};
 pub use shutdown::Shutdown;
 pub use worker::{BodyError, Connection, RequestBody};

@@ -356,7 +356,7 @@ pub fn describe(fd: RawFd) -> String {
     }
 }
 
-fn bind_tcp(addr: SocketAddr) -> Result<Listener, Fatal> {
+pub(crate) fn bind_tcp(addr: SocketAddr) -> Result<Listener, Fatal> {
     // std sets SO_REUSEADDR and a backlog of 128; a socket unit would give a larger one, so
     // raise it to the kernel's maximum with a second listen().
     let l = TcpListener::bind(addr).map_err(|e| Fatal::os(format!("cannot bind {addr}: {e}")))?;

@@ -77,6 +77,15 @@ pub struct Worker<S> {
     pub shutdown: Shutdown,
 }
 
+impl<S> Worker<S> {
+    /// Defines the service's own metrics (counters, gauges, histograms), shown summed
+    /// across workers on the pool's metrics endpoint (`--metrics ADDR`, or the socket named
+    /// `metrics`). See [`Metrics`](crate::Metrics) for the limits.
+    pub fn metrics(&self) -> crate::Metrics {
+        crate::Metrics::new()
+    }
+}
+
 type MakeHandler<S> = Box<dyn Fn(Worker<S>) -> LocalBoxFuture<'static, Result<Handler, BoxError>>>;
 
 /// The supervisor, configured with your handlers. See the crate documentation for a

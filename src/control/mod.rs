@@ -156,6 +156,14 @@ pub struct WorkerReport {
     /// Requests per second between the worker's last two heartbeat answers.
     #[serde(default)]
     pub requests_per_sec: f64,
+    /// Requests per second over the last heartbeat interval, from the metrics page (the
+    /// endpoint's `app_worker_requests_per_second`).
+    #[serde(default)]
+    pub rps_last_interval: f64,
+    /// 99th percentile request duration over that interval, in ms (the endpoint's
+    /// `app_worker_request_duration_p99_seconds`); 0 without requests.
+    #[serde(default)]
+    pub p99_ms_last_interval: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -421,7 +429,7 @@ pub fn render_table(s: &StatusReport) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>6} {:>8} {:>10} {:>6} {:>9} {:>9} {:>8}",
+        "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>6} {:>8} {:>8} {:>10} {:>6} {:>9} {:>9} {:>8}",
         "ID",
         "PID",
         "CPU",
@@ -430,6 +438,7 @@ pub fn render_table(s: &StatusReport) -> String {
         "UPTIME",
         "CPU%",
         "REQ/S",
+        "P99",
         "REQUESTS",
         "CONNS",
         "RSS",
@@ -439,7 +448,7 @@ pub fn render_table(s: &StatusReport) -> String {
     for w in &s.workers {
         let _ = writeln!(
             out,
-            "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>6.1} {:>8.0} {:>10} {:>6} {:>9} {:>9} {:>8}",
+            "{:>3} {:>8} {:>4} {:>4} {:<10} {:>9} {:>6.1} {:>8.0} {:>8} {:>10} {:>6} {:>9} {:>9} {:>8}",
             w.id,
             w.pid,
             w.cpu,
@@ -448,6 +457,7 @@ pub fn render_table(s: &StatusReport) -> String {
             human_secs(w.uptime_secs),
             w.cpu_percent,
             w.requests_per_sec,
+            format!("{:.2}ms", w.p99_ms_last_interval),
             w.requests,
             w.connections,
             human_bytes(w.rss_bytes),

@@ -43,6 +43,7 @@ macro_rules! about {
 pub mod budget;
 mod dispatch;
 pub mod memory;
+mod metrics;
 pub mod pool;
 mod rates;
 mod report;
@@ -168,6 +169,9 @@ pub struct Master {
     bound_by_hand: bool,
     /// Keys the configuration file changed that only a restart applies.
     restart_needed: Vec<String>,
+    /// The pool's metrics page (in the load board's memfd), if it could be made.
+    metrics: Option<crate::metrics::Page>,
+    interval: metrics::Interval,
 }
 
 /// Why the loop woke.
@@ -194,6 +198,13 @@ impl Master {
             .map_err(|e| exit::Fatal::os(format!("cannot open own executable: {e}")))?;
         let board = LoadBoard::create()
             .map_err(|e| exit::Fatal::os(format!("cannot create the load board: {e}")))?;
+        let metrics = match crate::metrics::Page::create(std::os::fd::AsFd::as_fd(board.fd())) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!("no metrics page ({e}): the metrics endpoint will answer 503");
+                None
+            }
+        };
         let (channel_tx, channel_rx) = mpsc::unbounded_channel();
         raise_fd_limit();
         let now = Instant::now();
@@ -236,6 +247,8 @@ impl Master {
             last_spawn_error: None,
             bound_by_hand: false,
             restart_needed: Vec::new(),
+            metrics,
+            interval: Default::default(),
         })
     }
 
@@ -314,6 +327,7 @@ impl Master {
                 return code;
             }
             self.report(now);
+            self.metrics_turn(now);
         }
     }
 
@@ -399,6 +413,12 @@ impl Master {
             } => {
                 w.last_pong = now;
                 w.pong_seq = w.pong_seq.max(seq);
+                if let (Some(p), Some(sent)) = (&self.metrics, w.ping_sent)
+                    && seq == w.ping_seq
+                    && seq > 0
+                {
+                    metrics::pong(p, w.board_index, now.saturating_duration_since(sent));
+                }
                 w.requests = requests;
                 w.connections = connections;
                 w.rates.requests(now, requests);
@@ -533,6 +553,7 @@ impl Master {
             let Some(w) = self.pool.workers.remove(&pid) else {
                 continue;
             };
+            self.metrics_reaped(&w);
             self.pool.requests_retired += w.requests;
             if !w.channel_closed {
                 self.pool.exited.insert(pid, w.requests);
@@ -725,6 +746,7 @@ impl Master {
                     && w.killed.is_none()
                 {
                     w.ping_seq += 1;
+                    w.ping_sent = Some(now);
                     w.send(ToWorker::Ping { seq: w.ping_seq });
                 }
             }
@@ -917,8 +939,12 @@ impl Master {
                 board_index,
                 version: None,
                 rates: Default::default(),
+                ping_sent: None,
             },
         );
+        if let Some(w) = self.pool.workers.get(&pid) {
+            self.metrics_spawned(w);
+        }
         info!(
             worker_id = slot,
             worker_pid = pid,
@@ -1019,8 +1045,21 @@ pub fn serve(
     let config = Config::load(&args, cpus.len(), check)?;
     crate::logging::init(&config.log_level, crate::logging::Identity::Master);
     // Both read and scrub the environment, so they run before any thread exists.
-    let (listeners, activated) = crate::listen::take_or_bind(config.bind)?;
+    let (mut listeners, activated) = crate::listen::take_or_bind(config.bind)?;
+    // The metrics endpoint: systemd's socket named `metrics`, else `--metrics ADDR`.
+    let metrics_name = crate::worker::METRICS_SOCKET;
+    if let Some(addr) = config.metrics
+        && !listeners.iter().any(|l| l.name == metrics_name)
+    {
+        let mut l = crate::listen::bind_tcp(addr)?;
+        l.name = metrics_name.to_string();
+        listeners.push(l);
+    }
     for (i, l) in listeners.iter().enumerate() {
+        // The library serves `metrics` itself unless the program registers a handler.
+        if l.name == metrics_name {
+            continue;
+        }
         if !handlers.default && !handlers.named.contains(&l.name) {
             return Err(exit::Fatal::config(format!(
                 "listening socket {i} ({}, name {:?}) has no handler: the program registers {}",

@@ -73,6 +73,8 @@ pub struct Worker {
     pub version: Option<String>,
     /// CPU % and requests/s for `app status`.
     pub rates: super::rates::Rates,
+    /// When the latest heartbeat went out (for the round trip in the metrics).
+    pub ping_sent: Option<Instant>,
 }
 
 impl Worker {
@@ -102,6 +104,7 @@ impl Worker {
             let pinged = self.state == WorkerState::Ready && self.killed.is_none();
             if pinged {
                 self.ping_seq += 1;
+                self.ping_sent = Some(now);
                 self.send(ToWorker::Ping { seq: self.ping_seq });
             }
             self.drain_seq = Some((self.ping_seq, pinged));

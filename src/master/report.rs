@@ -142,7 +142,15 @@ impl Master {
                 restarts: self.pool.slots.get(w.slot).map_or(0, |s| s.restarts),
                 version: w.version.clone(),
                 cpu_percent: w.rates.cpu_percent,
-                requests_per_sec: w.rates.requests_per_sec,
+                // One number for the CLI and the endpoint: the metrics page's rate when there
+                // is a page, else the heartbeat counts'.
+                requests_per_sec: if self.metrics.is_some() {
+                    self.metrics_rates(w).0
+                } else {
+                    w.rates.requests_per_sec
+                },
+                rps_last_interval: self.metrics_rates(w).0,
+                p99_ms_last_interval: self.metrics_rates(w).1,
             })
             .collect();
         StatusReport {
@@ -152,7 +160,10 @@ impl Master {
             target_workers: self.pool.slots.len(),
             serving_workers: self.pool.serving(),
             uptime_secs: now.duration_since(self.started).as_secs_f64(),
-            requests_total: self.pool.requests_total(),
+            // The endpoint's count (every answered request, live), else the heartbeats'.
+            requests_total: self
+                .metrics_requests_total()
+                .unwrap_or_else(|| self.pool.requests_total()),
             restarts_in_window: self.budget.used(now),
             restart_limit: self.budget.limit(),
             restart_window_secs: self.budget.window().as_secs(),

@@ -264,6 +264,7 @@ impl Master {
             return;
         };
         let ms = now.duration_since(r.started).as_millis() as u64;
+        self.metrics_reload(true, now.duration_since(r.started));
         let version = self
             .pool
             .workers
@@ -327,6 +328,7 @@ impl Master {
         self.phase = Phase::Serving;
         let now = Instant::now();
         let ms = now.duration_since(started).as_millis() as u64;
+        self.metrics_reload(false, now.duration_since(started));
         let msg = format!(
             "reload failed: {why}; still serving generation {}",
             self.pool.generation

@@ -155,6 +155,7 @@ impl Body for RequestBody {
                     && !data.is_empty()
                 {
                     let n = data.len() as u64;
+                    crate::metrics::bytes_in(n);
                     if let Err(e) = self.account(n) {
                         return self.fail(e);
                     }

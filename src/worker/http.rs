@@ -57,6 +57,34 @@ use crate::shutdown::{Shutdown, Stage};
 /// the time an idle peer needs to wake from epoll and call accept.
 const ACCEPT_YIELD: Duration = Duration::from_micros(50);
 
+/// The socket name (`FileDescriptorName=metrics`, or `--metrics ADDR`) the pool's metrics
+/// endpoint is served on, unless the program registers its own handler for it.
+pub const METRICS_SOCKET: &str = "metrics";
+
+/// The built-in metrics endpoint: every path answers the pool's metrics (GET/HEAD).
+fn metrics_handler() -> Handler {
+    Handler::Http(Rc::new(|req: Request<RequestBody>| {
+        async move {
+            if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+                return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "metrics: GET only\n"));
+            }
+            let Some(text) = crate::metrics::scrape() else {
+                return Ok(plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "metrics page unavailable\n",
+                ));
+            };
+            let mut r = Response::new(super::routes::boxed(Full::new(Bytes::from(text))));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            Ok(r)
+        }
+        .boxed_local()
+    }))
+}
+
 /// Wraps the inherited descriptors 3.. as tokio listeners.
 pub fn take_listeners(names: &[String]) -> Result<Vec<AsyncListener>, String> {
     let mut out = Vec::with_capacity(names.len());
@@ -87,6 +115,9 @@ where
 
 pub struct Server {
     handlers: Vec<Handler>,
+    /// Per listening socket: whether its requests count in the metrics (all but the
+    /// built-in metrics socket's, so a scrape does not count itself or toward max_requests).
+    measured: Vec<bool>,
     /// Local address of each listening socket, to route handed-over connections.
     addresses: Vec<String>,
     limits: HttpLimits,
@@ -111,9 +142,26 @@ impl Server {
         stats: Rc<Stats>,
         _shutdown: Shutdown,
     ) -> Result<Server, String> {
+        let mut routes = routes;
+        let builtin_metrics = setup.listeners.iter().any(|l| l == METRICS_SOCKET)
+            && !routes.named.contains_key(METRICS_SOCKET);
+        if builtin_metrics {
+            routes
+                .named
+                .insert(METRICS_SOCKET.to_string(), metrics_handler());
+        }
+        let measured = setup
+            .listeners
+            .iter()
+            .map(|l| !(builtin_metrics && l == METRICS_SOCKET))
+            .collect();
         let mut handlers = routes.resolve(&setup.listeners)?;
         if setup.chaos {
-            for h in &mut handlers {
+            for (h, _) in handlers
+                .iter_mut()
+                .zip(&measured)
+                .filter(|(_, m): &(&mut Handler, &bool)| **m)
+            {
                 if let Handler::Http(svc) = h {
                     *svc = chaos::wrap(svc.clone());
                 }
@@ -154,6 +202,7 @@ impl Server {
             tls,
             conn_limit,
             handlers,
+            measured,
             addresses: (0..setup.listeners.len())
                 .map(|i| crate::listen::describe(LISTEN_FDS_START + i as RawFd))
                 .collect(),
@@ -173,8 +222,11 @@ impl Server {
         svc: BoxHttp,
         req: Request<Incoming>,
         draining: bool,
+        measured: bool,
     ) -> Response<ResponseBody> {
-        self.stats.request_started();
+        if measured {
+            self.stats.request_started();
+        }
         let version = req.version();
         let declared = req
             .headers()
@@ -403,12 +455,18 @@ fn spawn_conn(
     // many connections before any task runs, and the load board must see them.
     let counted = server.stats.connection_opened();
     let handler = server.handlers[index].clone();
+    let measured = server.measured[index];
+    if measured {
+        crate::metrics::accepted();
+    }
     tokio::task::spawn_local(async move {
         let _permit = permit;
         match handler {
             Handler::Http(svc) => match server.tls_acceptor(index) {
-                Some(acceptor) => serve_tls(conn, acceptor, svc, server, shutdown, counted).await,
-                None => serve_http(conn, None, svc, server, shutdown, counted).await,
+                Some(acceptor) => {
+                    serve_tls(conn, acceptor, svc, server, shutdown, counted, measured).await
+                }
+                None => serve_http(conn, None, svc, server, shutdown, counted, measured).await,
             },
             Handler::Tcp(h) => {
                 let name = index;
@@ -574,6 +632,15 @@ struct Tracked {
     inner: ResponseBody,
     clock: Arc<ConnClock>,
     access: Option<Box<Access>>,
+    /// For the metrics: method, status, start, response body bytes so far.
+    meter: Option<Meter>,
+}
+
+struct Meter {
+    method: u8,
+    status: u16,
+    started: std::time::Instant,
+    bytes: u64,
 }
 
 impl http_body::Body for Tracked {
@@ -585,10 +652,17 @@ impl http_body::Body for Tracked {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let (Some(a), std::task::Poll::Ready(Some(Ok(frame)))) = (&mut self.access, &r)
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &r
             && let Some(data) = frame.data_ref()
         {
-            a.bytes += data.len() as u64;
+            let n = data.len() as u64;
+            let this = &mut *self;
+            if let Some(a) = &mut this.access {
+                a.bytes += n;
+            }
+            if let Some(m) = &mut this.meter {
+                m.bytes += n;
+            }
         }
         r
     }
@@ -608,6 +682,9 @@ impl Drop for Tracked {
         if let Some(a) = &self.access {
             a.log();
         }
+        if let Some(m) = &self.meter {
+            crate::metrics::request_done(m.method, m.status, m.bytes, m.started.elapsed());
+        }
     }
 }
 
@@ -624,6 +701,7 @@ async fn serve_http<IO>(
     server: Rc<Server>,
     mut shutdown: Shutdown,
     counted: ConnGuard,
+    measured: bool,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -648,20 +726,37 @@ async fn serve_http<IO>(
                     started: std::time::Instant::now(),
                 })
             });
+            let meter = measured.then(|| Meter {
+                method: crate::metrics::method_code(req.method()),
+                status: 0,
+                started: std::time::Instant::now(),
+                bytes: 0,
+            });
             let fut = server
                 .clone()
-                .handle(svc.clone(), req, shutdown.is_draining());
+                .handle(svc.clone(), req, shutdown.is_draining(), measured);
             let clock = clock.clone();
             async move {
                 let resp = fut.await;
                 let mut access = access;
+                let status = resp.status().as_u16();
                 if let Some(a) = &mut access {
-                    a.status = resp.status().as_u16();
+                    a.status = status;
+                }
+                let mut meter = meter;
+                if let Some(m) = &mut meter {
+                    m.status = status;
+                    if status == 101 {
+                        let _ = clock
+                            .upgraded
+                            .set(crate::metrics::OpenAs::new(crate::metrics::Proto::Upgraded));
+                    }
                 }
                 Ok::<_, Infallible>(resp.map(|inner| Tracked {
                     inner,
                     clock,
                     access,
+                    meter,
                 }))
             }
         })
@@ -675,6 +770,13 @@ async fn serve_http<IO>(
             Ok(Err(_)) | Err(_) => return,
         },
     };
+    let _open = measured.then(|| {
+        crate::metrics::OpenAs::new(if h2 {
+            crate::metrics::Proto::Http2
+        } else {
+            crate::metrics::Proto::Http1
+        })
+    });
     let result = if h2 {
         let conn = server.h2.serve_connection(TokioIo::new(io), service);
         drive(conn, &clock, &server, &mut shutdown, Stage::Draining).await
@@ -699,6 +801,7 @@ async fn serve_tls(
     server: Rc<Server>,
     shutdown: Shutdown,
     counted: ConnGuard,
+    measured: bool,
 ) {
     let handshake = tokio::time::timeout(server.limits.header_read_timeout, acceptor.accept(conn));
     let tls = match handshake.await {
@@ -716,7 +819,7 @@ async fn serve_tls(
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    serve_http(tls, Some(h2), svc, server, shutdown, counted).await
+    serve_http(tls, Some(h2), svc, server, shutdown, counted, measured).await
 }
 
 /// A hyper connection that can be asked to finish gracefully.

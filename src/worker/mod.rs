@@ -38,6 +38,7 @@ use crate::logging;
 use crate::shutdown::{self, Shutdown, Stage};
 
 pub use body::{BodyError, RequestBody};
+pub use http::METRICS_SOCKET;
 pub use raw::Connection;
 use routes::Routes;
 use stats::Stats;
@@ -152,6 +153,11 @@ async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
             None
         }
     };
+    if let Some((b, i)) = &board
+        && let Err(e) = crate::metrics::init_worker(std::os::fd::AsFd::as_fd(b.fd()), *i)
+    {
+        warn!("metrics page unavailable ({e}): this worker's counts are not published");
+    }
     let stats = Rc::new(Stats::new(board, setup.max_requests));
     let (trigger, shutdown) = shutdown::channel();
     let routes = match build(setup.clone(), shutdown.clone()).await {

@@ -74,6 +74,9 @@ pub struct ConnClock {
     /// A write has been refused (the peer's window is full) since then.
     blocked_since: AtomicInstant,
     in_flight: AtomicU32,
+    /// Counts the connection as upgraded (metrics) once it answered 101, for as long as the
+    /// clock lives, which is as long as the upgraded I/O object holding it.
+    pub upgraded: std::sync::OnceLock<crate::metrics::OpenAs>,
 }
 
 impl ConnClock {
@@ -88,6 +91,7 @@ impl ConnClock {
             idle_since: AtomicInstant::unset(),
             blocked_since: AtomicInstant::unset(),
             in_flight: AtomicU32::new(0),
+            upgraded: std::sync::OnceLock::new(),
         };
         c.head_since.set(base, Some(base));
         Arc::new(c)
