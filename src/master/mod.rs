@@ -81,6 +81,11 @@ const MEMORY_CHECK: Duration = Duration::from_secs(1);
 /// The memory check period while a worker is above half of `max_memory`, or grew by more
 /// than an eighth of it since the previous check.
 const MEMORY_CHECK_FAST: Duration = Duration::from_millis(150);
+/// Workers whose memory is read in one turn of the loop: reading `smaps_rollup` walks a
+/// process's page tables (about half a millisecond each), so a sweep of a large pool is
+/// spread over turns instead of stalling one (520 workers took 260 ms in one turn, which
+/// delayed every event and tripped the loop's own stall detection).
+const MEMORY_READS_PER_TURN: usize = 32;
 /// A gap this long between two wake-ups of the loop (which wakes at least every [`TICK`])
 /// means the master itself stalled.
 const STALL: Duration = Duration::from_millis(250);
@@ -149,6 +154,11 @@ pub struct Master {
     started: Instant,
     next_heartbeat: Instant,
     next_memory_check: Instant,
+    /// Workers still to be read in the current memory sweep (see [`MEMORY_READS_PER_TURN`]),
+    /// and whether one read so far was close to the limit.
+    memory_sweep: Vec<i32>,
+    memory_sweep_hot: bool,
+    memory_sweep_started: Instant,
     next_watchdog: Instant,
     control_path: std::path::PathBuf,
     dispatcher: Dispatcher,
@@ -234,6 +244,9 @@ impl Master {
             started: now,
             next_heartbeat: now,
             next_memory_check: now,
+            memory_sweep: Vec::new(),
+            memory_sweep_hot: false,
+            memory_sweep_started: now,
             next_watchdog: now,
             control_path,
             dispatcher: Dispatcher::default(),
@@ -762,12 +775,22 @@ impl Master {
             self.next_cap_update = now + MEMORY_CHECK;
             self.update_conn_cap();
         }
-        if now < self.next_memory_check {
-            return;
+        if self.memory_sweep.is_empty() {
+            if now < self.next_memory_check {
+                return;
+            }
+            self.memory_sweep = self.pool.workers.keys().rev().copied().collect();
+            self.memory_sweep_hot = false;
+            self.memory_sweep_started = now;
         }
         let max = self.config.max_memory;
         let mut hot = false;
-        for w in self.pool.workers.values_mut() {
+        let take = self.memory_sweep.len().min(MEMORY_READS_PER_TURN);
+        let batch = self.memory_sweep.split_off(self.memory_sweep.len() - take);
+        for pid in batch {
+            let Some(w) = self.pool.workers.get_mut(&pid) else {
+                continue;
+            };
             let before = w.memory.charged();
             if let Some(m) = memory::read(w.pid) {
                 w.memory = m;
@@ -795,7 +818,15 @@ impl Master {
                 )));
             }
         }
-        self.next_memory_check = now + if hot { MEMORY_CHECK_FAST } else { MEMORY_CHECK };
+        self.memory_sweep_hot |= hot;
+        if self.memory_sweep.is_empty() {
+            let every = if self.memory_sweep_hot {
+                MEMORY_CHECK_FAST
+            } else {
+                MEMORY_CHECK
+            };
+            self.next_memory_check = self.memory_sweep_started + every;
+        }
     }
 
     /// Starts a worker in every empty slot of the serving generation whose backoff is over.

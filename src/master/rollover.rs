@@ -163,7 +163,27 @@ impl Master {
                 if let Some(why) = problem {
                     return self.roll_back(why, now);
                 }
-                if self.pool.generation_full(r.generation, r.workers) {
+                // A new worker that left already (its request limit, a panic) is replaced
+                // in the new generation, as a serving one would be: otherwise the slot stays
+                // empty and the reload fails at ready_timeout.
+                let (g, n) = (r.generation, r.workers);
+                let empty: Vec<usize> = (0..n)
+                    .filter(|&s| self.pool.holder(g, s).is_none())
+                    .collect();
+                if !empty.is_empty()
+                    && let Phase::Rolling(r) = std::mem::replace(&mut self.phase, Phase::Serving)
+                {
+                    let mut r = r;
+                    for slot in empty {
+                        if let Err(e) = self.spawn_worker(slot, g, Some((&r.config, &r.exe))) {
+                            r.failed
+                                .get_or_insert(format!("cannot start new worker {slot}: {e}"));
+                        }
+                    }
+                    self.phase = Phase::Rolling(r);
+                    return;
+                }
+                if self.pool.generation_full(g, n) {
                     self.promote(now);
                 }
             }
