@@ -458,14 +458,26 @@ fn a_worker_near_its_memory_limit_is_checked_sooner() {
 /// (Heartbeats every 10 s: 1 040 debug-build workers on a 2-core machine answer slowly.)
 #[test]
 fn a_pool_above_511_workers_reloads() {
-    let srv = start(&[
-        "--workers",
-        "520",
-        "--ready-timeout",
-        "60s",
-        "--heartbeat-interval",
-        "10s",
-    ]);
+    let srv = Server::spawn(
+        Launch {
+            binary: Some(app_bin()),
+            ..Default::default()
+        }
+        .args(&[
+            "--workers",
+            "520",
+            "--ready-timeout",
+            "60s",
+            "--heartbeat-interval",
+            "10s",
+        ]),
+    );
+    // 520 debug-build workers take longer to start than the harness's usual bound.
+    let full = wait_until(Duration::from_secs(60), || {
+        let s = status_within(&srv, Duration::from_secs(5))?;
+        (s["serving_workers"] == 520).then_some(())
+    });
+    assert!(full.is_some(), "pool never full; log:\n{}", srv.log_text());
     let reply = reload_within(&srv, Duration::from_secs(90)).expect("reload answered");
     assert_eq!(reply["ok"], true, "{reply}");
     let s = srv.status().unwrap();
