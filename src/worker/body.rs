@@ -66,8 +66,10 @@ pub struct RequestBody {
     /// Reserved up front for a declared length; frames use it before taking more.
     reserved_unused: u64,
     read: u64,
-    started: Instant,
-    last_data: Instant,
+    /// When the service first waited for data, and when data last came: set lazily, so a
+    /// request whose body is never waited for (most GETs) reads no clock.
+    started: Option<Instant>,
+    last_data: Option<Instant>,
     read_timeout: Duration,
     min_rate: u64,
     timer: Option<Pin<Box<Sleep>>>,
@@ -86,7 +88,6 @@ impl RequestBody {
         if declared > 0 && !budget.take(declared) {
             return Err(inner);
         }
-        let now = Instant::now();
         Ok(RequestBody {
             inner: Limited::new(
                 inner,
@@ -96,8 +97,8 @@ impl RequestBody {
             held: declared,
             reserved_unused: declared,
             read: 0,
-            started: now,
-            last_data: now,
+            started: None,
+            last_data: None,
             read_timeout: limits.body_read_timeout,
             min_rate: limits.min_body_rate,
             timer: None,
@@ -107,13 +108,16 @@ impl RequestBody {
 
     /// When the body must have delivered more: the next read's deadline, or the moment its
     /// average rate would fall below the minimum.
-    fn deadline(&self) -> Instant {
-        let stall = self.last_data + self.read_timeout;
+    fn deadline(&mut self) -> Instant {
+        let now = Instant::now();
+        let started = *self.started.get_or_insert(now);
+        let last = *self.last_data.get_or_insert(now);
+        let stall = last + self.read_timeout;
         if self.min_rate == 0 {
             return stall;
         }
         let for_rate = Duration::from_secs_f64(self.read as f64 / self.min_rate as f64);
-        stall.min(self.started + for_rate.max(self.read_timeout))
+        stall.min(started + for_rate.max(self.read_timeout))
     }
 
     fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -133,7 +137,10 @@ impl RequestBody {
             self.held += extra;
         }
         self.read += n;
-        self.last_data = Instant::now();
+        if self.started.is_some() {
+            // Only a body that has been waited for runs its clocks.
+            self.last_data = Some(Instant::now());
+        }
         Ok(())
     }
 }
@@ -181,7 +188,8 @@ impl Body for RequestBody {
                 }
                 if timer.as_mut().poll(cx).is_ready() {
                     let now = Instant::now();
-                    let e = if now >= self.last_data + self.read_timeout {
+                    let last = self.last_data.unwrap_or(now);
+                    let e = if now >= last + self.read_timeout {
                         BodyError::Timeout
                     } else {
                         BodyError::TooSlow
