@@ -93,6 +93,9 @@ pub struct Stats {
     /// Why the worker decided to leave, and whether that was planned, once it has.
     pub leaving: RefCell<Option<(String, bool)>>,
     pub leave: Notify,
+    /// True from the moment the worker decides to leave: accept loops waiting in `accept`
+    /// stop at once (a flag read before waiting would let one more connection in).
+    leaving_now: tokio::sync::watch::Sender<bool>,
 }
 
 impl Stats {
@@ -109,6 +112,7 @@ impl Stats {
             handoff_pending: Cell::new(false),
             leaving: RefCell::new(None),
             leave: Notify::new(),
+            leaving_now: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -162,6 +166,12 @@ impl Stats {
         if l.is_none() {
             *l = Some((reason, planned));
             self.leave.notify_one();
+            self.leaving_now.send_replace(true);
         }
+    }
+
+    /// Resolves once the worker has decided to leave; see [`Stats::accepting`].
+    pub fn leaving_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leaving_now.subscribe()
     }
 }
