@@ -36,6 +36,7 @@ ACCEPT=""
 CONTROL_SOCKET=""
 KEEP_TMP=0
 H2=0
+ACCESS_LOG=0
 H2_CONNS=16
 H2_STREAMS=16
 BASELINE_REV=""
@@ -73,6 +74,8 @@ Options:
                        `Connection: close` at --pair-conns, alternating current baseline,
                        --runs runs each; medians of req/s and CPU us/req, ratio current/baseline
                        against the issue's bound (neither may be more than 3 % worse)
+  --access-log         also measure the access log's cost: the app with [http] access_log off
+                       and on, alternating (scripts/bench/access-log-cost.sh)
   --runs N             runs per server for --h2 and --baseline-rev (default 3)
   --pair-conns N       wrk connections for --baseline-rev (default 64)
   --reload             during a load run, SIGHUP the master every second (nginx: SIGHUP,
@@ -118,6 +121,7 @@ while [ $# -gt 0 ]; do
     case $1 in
     --compare) COMPARE=1 ;;
     --h2) H2=1 ;;
+    --access-log) ACCESS_LOG=1 ;;
     --h2-conns) H2_CONNS=$2; shift ;;
     --h2-streams) H2_STREAMS=$2; shift ;;
     --baseline-rev) BASELINE_REV=$2; shift ;;
@@ -1016,3 +1020,7 @@ if command -v gnuplot >/dev/null; then
     fi
 fi
 log "results: $REPORT (table: $OUT/results.txt)${JSON_OUT:+, copied to $JSON_OUT}"
+if [ "$ACCESS_LOG" = 1 ]; then
+    log "access log cost (scripts/bench/access-log-cost.sh)"
+    "$HERE/access-log-cost.sh" "$APP_BIN" "$DURATION" "$PAIR_RUNS" | tee -a "$OUT/results.txt"
+fi
