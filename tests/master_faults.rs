@@ -479,10 +479,21 @@ fn a_pool_above_511_workers_reloads() {
     });
     assert!(full.is_some(), "pool never full; log:\n{}", srv.log_text());
     let reply = reload_within(&srv, Duration::from_secs(90)).expect("reload answered");
-    assert_eq!(reply["ok"], true, "{reply}");
-    let s = srv.status().unwrap();
-    assert_eq!(s["generation"], 2);
-    assert_eq!(s["serving_workers"], 520);
+    let tail = |log: String| -> String {
+        let lines: Vec<&str> = log.lines().filter(|l| !l.contains(" INFO ")).collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
+    assert_eq!(reply["ok"], true, "{reply}\n{}", tail(srv.log_text()));
+    // Every new worker serving (a few may still be answering their first heartbeat).
+    let full = wait_until(Duration::from_secs(30), || {
+        let s = status_within(&srv, Duration::from_secs(5))?;
+        (s["generation"] == 2 && s["serving_workers"] == 520).then_some(())
+    });
+    assert!(
+        full.is_some(),
+        "generation 2 never full:\n{}",
+        tail(srv.log_text())
+    );
 }
 
 trait WorkersJson {
