@@ -13,6 +13,8 @@ PORT=${PORT:-18281}
 HZ=$(getconf CLK_TCK)
 printf '[http]\naccess_log = false\n' > "$DIR/off.toml"
 printf '[http]\naccess_log = true\n' > "$DIR/on.toml"
+# CPU ticks (user + system) of these processes; one that is gone counts 0.
+ticks() { local t=0 v; for p in "$@"; do v=$(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || true); t=$((t + ${v:-0})); done; echo "$t"; }
 run() { # mode -> "req/s cpu_us_per_req"
     local mode=$1 master pids c0 c1 out n rps
     "$BIN" serve --bind 127.0.0.1:$PORT --workers 2 --config "$DIR/$mode.toml" \
@@ -21,9 +23,9 @@ run() { # mode -> "req/s cpu_us_per_req"
     sleep 1
     pids=("$master" $(pgrep -P "$master"))
     wrk -t2 -c64 -d1s http://127.0.0.1:$PORT/ >/dev/null   # warm-up
-    c0=0; for p in "${pids[@]}"; do c0=$((c0 + $(awk '{print $14+$15}' /proc/$p/stat))); done
+    c0=$(ticks "${pids[@]}")
     out=$(wrk -t2 -c64 -d"${DUR}s" http://127.0.0.1:$PORT/)
-    c1=0; for p in "${pids[@]}"; do c1=$((c1 + $(awk '{print $14+$15}' /proc/$p/stat))); done
+    c1=$(ticks "${pids[@]}")
     kill -TERM "$master"; wait "$master" 2>/dev/null || true
     n=$(printf '%s\n' "$out" | awk '/requests in/ {print $1}')
     rps=$(printf '%s\n' "$out" | awk '/Requests\/sec/ {print $2}')
