@@ -341,7 +341,7 @@ stage_and_install() {
     t0=$(now_ms)
     mkdir -p "$ROOT$STAGE/scripts" "$ROOT$STAGE/systemd"
     cp "$SRC/scripts/install.sh" "$ROOT$STAGE/scripts/"
-    cp "$SRC"/systemd/app.socket "$SRC"/systemd/app.service "$SRC"/systemd/app.toml "$ROOT$STAGE/systemd/"
+    cp "$SRC"/systemd/app.socket "$SRC"/systemd/app-metrics.socket "$SRC"/systemd/app.service "$SRC"/systemd/app.toml "$ROOT$STAGE/systemd/"
     cp "$BIN" "$ROOT$STAGE/app"
     if ! out=$(IN "$STAGE/scripts/install.sh" --binary "$STAGE/app" 2>&1); then
         printf '%s\n' "$out" >&2; die "scripts/install.sh failed inside the sandbox"
@@ -693,7 +693,7 @@ check_tls() {  # [tls] with LoadCredential= under DynamicUser: https 200, key pr
             openssl x509 -req -in \$s.csr -CA ca.crt -CAkey ca.key -set_serial 0x\$s -days 2 -extfile ext.cnf -out \$s.crt || exit 1
         done && cp 1001.crt tls.crt && cp 1001.key tls.key" >/dev/null 2>&1 || { fail "openssl could not make the test certificates"; return 1; }
     IN mkdir -p /etc/systemd/system/app.service.d
-    IN sh -c 'printf "[Service]\nLoadCredential=tls.crt:/etc/app/tls/tls.crt\nLoadCredential=tls.key:/etc/app/tls/tls.key\nSockets=app.socket app-tls.socket\n" > /etc/systemd/system/app.service.d/tls.conf'
+    IN sh -c 'printf "[Service]\nLoadCredential=tls.crt:/etc/app/tls/tls.crt\nLoadCredential=tls.key:/etc/app/tls/tls.key\nSockets=app-tls.socket\n" > /etc/systemd/system/app.service.d/tls.conf'
     IN sh -c 'printf "[Socket]\nListenStream=127.0.0.1:8443\nFileDescriptorName=https\nService=app.service\n" > /etc/systemd/system/app-tls.socket'
     IN cp /etc/app/app.toml /run/app.toml.e2e-tls
     IN sh -c 'printf "\n[tls]\ncert = \"credential:tls.crt\"\nkey = \"credential:tls.key\"\nsockets = [\"https\"]\n" >> /etc/app/app.toml'
