@@ -702,6 +702,7 @@ check_tls() {  # [tls] with LoadCredential= under DynamicUser: https 200, key pr
     IN systemctl restart app.service
     tls_off() {
         IN cp /run/app.toml.e2e-tls /etc/app/app.toml
+        IN rm -rf "$d"
         IN rm -f /etc/systemd/system/app.service.d/tls.conf
         IN systemctl stop app-tls.socket; IN rm -f /etc/systemd/system/app-tls.socket
         IN systemctl daemon-reload; IN systemctl restart app.service
