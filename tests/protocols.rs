@@ -876,35 +876,13 @@ fn local_state_serves_a_non_send_service_per_worker() {
 /// `axum_state` under `systemd-socket-activate` with three sockets named `http`, `line` and
 /// `other`: `(server, line port, other port)`; the server's `port` is the `http` one.
 fn start_named_sockets(extra: &[&str]) -> (Server, u16, u16) {
-    let dir = tempfile::tempdir().unwrap();
-    let (p_http, p_line, p_other) = (free_port(), free_port(), free_port());
-    let control = dir.path().join("control.sock");
-    let log = dir.path().join("app.log");
-    let mut cmd = Command::new("systemd-socket-activate");
-    for p in [p_http, p_line, p_other] {
-        cmd.arg("-l").arg(format!("127.0.0.1:{p}"));
-    }
-    cmd.arg("--fdname=http:line:other")
-        .arg(format!("--setenv=APP_CONTROL_SOCKET={}", control.display()))
-        .arg(program("axum_state"))
-        .arg("serve")
-        .args(extra)
-        .env_remove("RUST_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd
-        .spawn()
-        .expect("systemd-socket-activate is needed for this test and could not be run");
-    let srv = Server {
-        child,
-        port: p_http,
-        dir,
-        control,
-        log,
-    };
+    let (srv, ports) = spawn_named_sockets(
+        &program("axum_state"),
+        &["http", "line", "other"],
+        extra,
+        tempfile::tempdir().unwrap(),
+    );
+    let (p_line, p_other) = (ports[1], ports[2]);
     wait_answering(&srv, "/probe");
     (srv, p_line, p_other)
 }

@@ -345,33 +345,15 @@ fn plain_and_tls_sockets_side_by_side() {
     write_pair(dir.path(), &leaf(&ca, 0x77, false));
     let toml = tls_toml(dir.path(), "sockets = [\"https\"]\n");
     std::fs::write(dir.path().join("app.toml"), &toml).unwrap();
-    let (p_http, p_https) = (free_port(), free_port());
-    let control = dir.path().join("control.sock");
-    let log = dir.path().join("app.log");
-    let mut cmd = std::process::Command::new("systemd-socket-activate");
-    cmd.arg("-l")
-        .arg(format!("127.0.0.1:{p_http}"))
-        .arg("-l")
-        .arg(format!("127.0.0.1:{p_https}"))
-        .arg("--fdname=http:https")
-        .arg(format!("--setenv=APP_CONTROL_SOCKET={}", control.display()))
-        .arg(APP)
-        .arg("serve")
-        .arg("--config")
-        .arg(dir.path().join("app.toml"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd
-        .spawn()
-        .expect("systemd-socket-activate is needed for this test");
-    let srv = Server {
-        child,
-        port: p_http,
+    let config = dir.path().join("app.toml");
+    let config = config.to_str().unwrap().to_string();
+    let (srv, ports) = spawn_named_sockets(
+        Path::new(APP),
+        &["http", "https"],
+        &["--config", &config],
         dir,
-        control,
-        log,
-    };
+    );
+    let (p_http, p_https) = (ports[0], ports[1]);
     srv.wait_serving();
     assert_eq!(get(p_http, "/").unwrap().status, 200);
     let cfg = client_config(&ca, &[&rustls::version::TLS13], &[b"http/1.1"]);

@@ -522,3 +522,43 @@ pub fn run_to_exit(mut cmd: Command) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
 }
+
+/// Starts `bin serve args...` under `systemd-socket-activate` with one listening socket per
+/// name (on free loopback ports, in that order) and the control socket in `dir`; returns the
+/// server, whose `port` is the first socket's, and every socket's port. Waits for nothing.
+pub fn spawn_named_sockets(
+    bin: &Path,
+    names: &[&str],
+    args: &[&str],
+    dir: tempfile::TempDir,
+) -> (Server, Vec<u16>) {
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let control = dir.path().join("control.sock");
+    let log = dir.path().join("app.log");
+    let mut cmd = Command::new("systemd-socket-activate");
+    for p in &ports {
+        cmd.arg("-l").arg(format!("127.0.0.1:{p}"));
+    }
+    cmd.arg(format!("--fdname={}", names.join(":")))
+        .arg(format!("--setenv=APP_CONTROL_SOCKET={}", control.display()))
+        .arg(bin)
+        .arg("serve")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .process_group(0);
+    let child = cmd
+        .spawn()
+        .expect("systemd-socket-activate is needed for this test and could not be run");
+    let srv = Server {
+        child,
+        port: ports[0],
+        dir,
+        control,
+        log,
+    };
+    (srv, ports)
+}
