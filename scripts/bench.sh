@@ -37,6 +37,7 @@ CONTROL_SOCKET=""
 KEEP_TMP=0
 H2=0
 ACCESS_LOG=0
+TLS_BENCH=0
 H2_CONNS=16
 H2_STREAMS=16
 BASELINE_REV=""
@@ -74,6 +75,8 @@ Options:
                        `Connection: close` at --pair-conns, alternating current baseline,
                        --runs runs each; medians of req/s and CPU us/req, ratio current/baseline
                        against the issue's bound (neither may be more than 3 % worse)
+  --tls                also TLS against nginx (OpenSSL) with the same certificate: keep-alive
+                       req/s and new handshakes/s (scripts/bench/tls-bench.sh)
   --access-log         also measure the access log's cost: the app with [http] access_log off
                        and on, alternating (scripts/bench/access-log-cost.sh)
   --runs N             runs per server for --h2 and --baseline-rev (default 3)
@@ -122,6 +125,7 @@ while [ $# -gt 0 ]; do
     --compare) COMPARE=1 ;;
     --h2) H2=1 ;;
     --access-log) ACCESS_LOG=1 ;;
+    --tls) TLS_BENCH=1 ;;
     --h2-conns) H2_CONNS=$2; shift ;;
     --h2-streams) H2_STREAMS=$2; shift ;;
     --baseline-rev) BASELINE_REV=$2; shift ;;
@@ -1023,4 +1027,8 @@ log "results: $REPORT (table: $OUT/results.txt)${JSON_OUT:+, copied to $JSON_OUT
 if [ "$ACCESS_LOG" = 1 ]; then
     log "access log cost (scripts/bench/access-log-cost.sh)"
     "$HERE/access-log-cost.sh" "$APP_BIN" "$DURATION" "$PAIR_RUNS" | tee -a "$OUT/results.txt"
+fi
+if [ "$TLS_BENCH" = 1 ]; then
+    log "TLS against nginx (scripts/bench/tls-bench.sh)"
+    "$HERE/tls-bench.sh" "$APP_BIN" "$DURATION" "$PAIR_RUNS" | tee -a "$OUT/results.txt"
 fi

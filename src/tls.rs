@@ -45,11 +45,13 @@ pub struct TlsSettings {
 }
 
 impl TlsSettings {
-    /// Whether the socket named `name` speaks TLS.
+    /// Whether the socket named `name` speaks TLS. Without a list, every socket but the
+    /// metrics endpoint's does (a loopback scrape target; name it in the list to encrypt it).
     pub fn applies_to(&self, name: &str) -> bool {
-        self.sockets
-            .as_ref()
-            .is_none_or(|names| names.iter().any(|n| n == name))
+        match &self.sockets {
+            Some(names) => names.iter().any(|n| n == name),
+            None => name != crate::worker::METRICS_SOCKET,
+        }
     }
 
     /// Whole days until the certificate expires (negative once it has).

@@ -339,6 +339,32 @@ fn bad_pairs_fail_the_reload_and_the_old_certificate_keeps_serving() {
 }
 
 #[test]
+fn certificate_expiry_is_a_metric_on_a_plain_metrics_socket() {
+    let ca = ca();
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), &leaf(&ca, 0x55, false));
+    let mport = free_port();
+    let toml = format!(
+        "metrics = \"127.0.0.1:{mport}\"\n{}",
+        tls_toml(dir.path(), "")
+    );
+    let srv = start(dir, &toml);
+    let not_after = srv.status().unwrap()["tls"]["not_after"].as_i64().unwrap();
+    // No `sockets` list: the HTTP socket speaks TLS, the metrics socket stays plain.
+    let text = wait_until(Duration::from_secs(5), || {
+        let r = get(mport, "/metrics").ok()?;
+        (r.status == 200).then_some(r.body)
+    })
+    .expect("metrics answered over plain HTTP");
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix("app_tls_certificate_not_after_seconds "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("app_tls_certificate_not_after_seconds in the scrape");
+    assert_eq!(value as i64, not_after);
+}
+
+#[test]
 fn plain_and_tls_sockets_side_by_side() {
     let ca = ca();
     let dir = tempfile::tempdir().unwrap();

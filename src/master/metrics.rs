@@ -54,6 +54,12 @@ impl Master {
     pub(super) fn metrics_turn(&mut self, now: Instant) {
         let Some(p) = &self.metrics else { return };
         p.set_generation(self.pool.generation);
+        p.set_tls_not_after(
+            self.config
+                .tls
+                .as_ref()
+                .map_or(0, |t| t.not_after.max(0) as u64),
+        );
         p.set_budget(
             self.budget.used(now),
             self.budget.limit(),

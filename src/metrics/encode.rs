@@ -33,6 +33,7 @@ struct SlotSnap {
 struct Snapshot {
     start_time: f64,
     generation: u64,
+    tls_not_after: u64,
     target: u64,
     budget_used: u64,
     budget_limit: u64,
@@ -55,6 +56,7 @@ fn read(page: &Page) -> Snapshot {
     let mut s = Snapshot {
         start_time: f64::from_bits(g(H_START_TIME)),
         generation: g(H_GENERATION),
+        tls_not_after: g(H_TLS_NOT_AFTER),
         target: g(H_TARGET_WORKERS),
         budget_used: g(H_BUDGET_USED),
         budget_limit: g(H_BUDGET_LIMIT),
@@ -252,6 +254,16 @@ impl Collector for Snapshot {
             "The generation of workers serving (one more with every successful reload)",
             one(self.generation as f64),
         )?;
+        if self.tls_not_after > 0 {
+            // An expiry timestamp, as blackbox_exporter's `probe_ssl_earliest_cert_expiry`:
+            // alert on `app_tls_certificate_not_after_seconds - time() < 14 * 86400`.
+            gauge(
+                e,
+                "app_tls_certificate_not_after_seconds",
+                "End of validity of the serving TLS certificate (Unix seconds)",
+                one(self.tls_not_after as f64),
+            )?;
+        }
         gauge(
             e,
             "app_workers_target",

@@ -52,6 +52,8 @@ const H_AREAS_SEEN: usize = 40;
 const H_SLOTS_SEEN: usize = 41;
 const H_USER_NEXT: usize = 42;
 const H_TARGET_WORKERS: usize = 43;
+/// The serving certificate's end of validity (Unix seconds), 0 without TLS.
+const H_TLS_NOT_AFTER: usize = 44;
 const HEADER_WORDS: usize = 64;
 
 pub const RELOAD_BUCKETS: [f64; 12] = [
@@ -277,6 +279,11 @@ impl Page {
 
     pub fn set_generation(&self, generation: u64) {
         self.set(H_GENERATION, generation);
+    }
+
+    /// The serving certificate's end of validity (Unix seconds); 0 without TLS.
+    pub fn set_tls_not_after(&self, not_after: u64) {
+        self.set(H_TLS_NOT_AFTER, not_after);
     }
 
     pub fn set_budget(&self, used: u32, limit: u32, target: usize) {
