@@ -136,12 +136,7 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(
-        setup: &WorkerSetup,
-        routes: Routes,
-        stats: Rc<Stats>,
-        _shutdown: Shutdown,
-    ) -> Result<Server, String> {
+    pub fn new(setup: &WorkerSetup, routes: Routes, stats: Rc<Stats>) -> Result<Server, String> {
         let mut routes = routes;
         let builtin_metrics = setup.listeners.iter().any(|l| l == METRICS_SOCKET)
             && !routes.named.contains_key(METRICS_SOCKET);

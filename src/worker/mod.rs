@@ -167,7 +167,7 @@ async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
             return crate::exit::SOFTWARE;
         }
     };
-    let server = match http::Server::new(&setup, routes, stats.clone(), shutdown.clone()) {
+    let server = match http::Server::new(&setup, routes, stats.clone()) {
         Ok(s) => Rc::new(s),
         Err(e) => {
             error!("{e}");
