@@ -10,8 +10,8 @@
 //! worker reads the pair once when it starts and keeps it in memory only.
 //!
 //! rustls with the `ring` provider: TLS 1.2 and 1.3 with rustls's default (safe) cipher
-//! suites, ALPN `h2` and `http/1.1`, no OpenSSL. Validity dates are read with `x509-parser`,
-//! as rustls does not expose them.
+//! suites, ALPN `h2` and `http/1.1`, no OpenSSL. Validity dates are read (and printed) with
+//! `x509-parser`, as rustls does not expose them.
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -99,20 +99,19 @@ pub fn load(cert_path: &Path, key_path: &Path, now_unix: i64) -> Result<Loaded, 
             cert_path.display()
         ));
     };
-    let (not_before, not_after, serial) =
-        validity(leaf).map_err(|e| format!("cert {}: {e}", cert_path.display()))?;
-    if now_unix < not_before {
+    let v = validity(leaf).map_err(|e| format!("cert {}: {e}", cert_path.display()))?;
+    if now_unix < v.not_before {
         return Err(format!(
             "cert {}: not valid before {}",
             cert_path.display(),
-            date(not_before)
+            v.not_before_date
         ));
     }
-    if now_unix >= not_after {
+    if now_unix >= v.not_after {
         return Err(format!(
             "cert {}: expired on {}",
             cert_path.display(),
-            date(not_after)
+            v.not_after_date
         ));
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
@@ -132,8 +131,8 @@ pub fn load(cert_path: &Path, key_path: &Path, now_unix: i64) -> Result<Loaded, 
     })?;
     Ok(Loaded {
         key: Arc::new(certified),
-        not_after,
-        serial,
+        not_after: v.not_after,
+        serial: v.serial,
     })
 }
 
@@ -177,32 +176,28 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// (not before, not after, serial in hex) of a certificate.
-fn validity(cert: &CertificateDer<'_>) -> Result<(i64, i64, String), String> {
+/// A certificate's validity and serial.
+struct Validity {
+    not_before: i64,
+    not_after: i64,
+    /// The same instants as dates ("2026-11-22"), for error messages.
+    not_before_date: String,
+    not_after_date: String,
+    /// The serial number in hex.
+    serial: String,
+}
+
+fn validity(cert: &CertificateDer<'_>) -> Result<Validity, String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| format!("not an X.509 certificate ({e})"))?;
     let v = parsed.validity();
-    Ok((
-        v.not_before.timestamp(),
-        v.not_after.timestamp(),
-        parsed.raw_serial_as_string().replace(':', ""),
-    ))
-}
-
-/// "2026-11-22" for a Unix time.
-fn date(unix: i64) -> String {
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm); avoids a
-    // date-time crate for one line of an error message.
-    let z = unix.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    Ok(Validity {
+        not_before: v.not_before.timestamp(),
+        not_after: v.not_after.timestamp(),
+        not_before_date: v.not_before.to_datetime().date().to_string(),
+        not_after_date: v.not_after.to_datetime().date().to_string(),
+        serial: parsed.raw_serial_as_string().replace(':', ""),
+    })
 }
 
 /// Seconds since the epoch, now.
@@ -216,13 +211,6 @@ pub fn now_unix() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dates() {
-        assert_eq!(date(0), "1970-01-01");
-        assert_eq!(date(1_700_000_000), "2023-11-14");
-        assert_eq!(date(951_782_400), "2000-02-29");
-    }
 
     #[test]
     fn credential_paths() {
