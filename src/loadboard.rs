@@ -15,7 +15,7 @@
 //! The page's last word is how many entries have ever been in use, so the check a worker
 //! makes before every accept reads a handful of entries, not the whole page.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The largest pool (`workers`, and what SIGTTIN may grow it to).
@@ -54,20 +54,7 @@ impl LoadBoard {
 
     /// The board a worker inherited.
     pub fn map(fd: OwnedFd) -> std::io::Result<LoadBoard> {
-        // SAFETY: maps BYTES of a memfd at least that long, shared, read-write.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
+        let ptr = map_shared(fd.as_fd(), BYTES, 0)?;
         Ok(LoadBoard {
             fd,
             base: ptr as *const AtomicU32,
@@ -133,6 +120,31 @@ impl LoadBoard {
             .min()
             .map(|v| u64::from(v - 1))
     }
+}
+
+/// Maps `len` bytes of the board's memfd at `offset`, shared and read-write: the board
+/// itself, and the metrics page after it ([`crate::metrics`]). The caller checks that the
+/// file is that long (a mapping past its end faults on first use).
+pub(crate) fn map_shared(
+    fd: std::os::fd::BorrowedFd<'_>,
+    len: usize,
+    offset: usize,
+) -> std::io::Result<*mut libc::c_void> {
+    // SAFETY: a fresh shared mapping of a descriptor we hold; no existing memory is touched.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ptr)
 }
 
 // SAFETY: the mapping is only ever accessed through atomics, and it stays mapped until the

@@ -184,20 +184,7 @@ impl Page {
                 "the board's memfd holds no metrics page",
             ));
         }
-        // SAFETY: maps BYTES of a memfd at least OFFSET + BYTES long, shared, read-write.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                board.as_raw_fd(),
-                OFFSET as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
+        let ptr = crate::loadboard::map_shared(board, BYTES, OFFSET)?;
         Ok(Page {
             base: ptr as *const AtomicU64,
         })
