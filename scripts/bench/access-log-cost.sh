@@ -5,6 +5,7 @@
 # and of server CPU µs per request, and the on/off ratios.
 #   scripts/bench/access-log-cost.sh BIN [seconds] [rounds]
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 BIN=$1; DUR=${2:-5}; ROUNDS=${3:-3}
 command -v wrk >/dev/null || { echo "access-log-cost: wrk is needed (apt-get install wrk)" >&2; exit 69; }
 DIR=$(mktemp -d -p /tmp access-log-bench.XXXX); chmod 700 "$DIR"
@@ -13,8 +14,6 @@ PORT=${PORT:-18281}
 HZ=$(getconf CLK_TCK)
 printf '[http]\naccess_log = false\n' > "$DIR/off.toml"
 printf '[http]\naccess_log = true\n' > "$DIR/on.toml"
-# CPU ticks (user + system) of these processes; one that is gone counts 0.
-ticks() { local t=0 v; for p in "$@"; do v=$(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || true); t=$((t + ${v:-0})); done; echo "$t"; }
 run() { # mode -> "req/s cpu_us_per_req"
     local mode=$1 master pids c0 c1 out n rps
     "$BIN" serve --bind 127.0.0.1:$PORT --workers 2 --config "$DIR/$mode.toml" \
@@ -31,7 +30,6 @@ run() { # mode -> "req/s cpu_us_per_req"
     rps=$(printf '%s\n' "$out" | awk '/Requests\/sec/ {print $2}')
     awk -v r="$rps" -v c=$((c1 - c0)) -v n="$n" -v hz="$HZ" 'BEGIN { printf "%.0f %.2f\n", r, c * 1e6 / hz / n }'
 }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 : > "$DIR/off.txt"; : > "$DIR/on.txt"
 for r in $(seq 1 "$ROUNDS"); do
     run off >> "$DIR/off.txt"

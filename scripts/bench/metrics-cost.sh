@@ -6,11 +6,11 @@
 # Also writes target/bench/metrics-samples.csv (one scrape a second during the last
 # NEW run) for scripts/bench/metrics.gp.
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 NEW=$1; BASE=${2:-}; DUR=${3:-5}; ROUNDS=${4:-3}
 OUT=${OUT:-target/bench}; mkdir -p "$OUT"
 DIR=$(mktemp -d -p /tmp metrics-bench.XXXX); chmod 700 "$DIR"
 PORT=18181; MPORT=19191
-ticks() { local t=0; for p in "$@"; do [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
 run() { # label binary scrape(0|1)
   local label=$1 bin=$2 scrape=$3 margs=()
   [ "$label" != base ] && margs=(--metrics 127.0.0.1:$MPORT)

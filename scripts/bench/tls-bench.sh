@@ -8,6 +8,7 @@
 # and the app/nginx ratios (the issue's targets: >= 1.0 keep-alive, >= 0.8 handshakes).
 #   scripts/bench/tls-bench.sh BIN [seconds] [rounds]
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 BIN=$1; DUR=${2:-5}; ROUNDS=${3:-3}
 for c in wrk nginx openssl; do
     command -v "$c" >/dev/null || { echo "tls-bench: $c is needed (apt-get install $c)" >&2; exit 69; }
@@ -51,7 +52,6 @@ http {
     }
 }
 NGINX
-ticks() { local t=0 v; for p in "$@"; do v=$(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || true); t=$((t + ${v:-0})); done; echo "$t"; }
 run() { # server mode -> "req/s cpu_us_per_req"
     local server=$1 mode=$2 master port pids c0 c1 out n rps hdr=()
     if [ "$server" = app ]; then
@@ -74,7 +74,6 @@ run() { # server mode -> "req/s cpu_us_per_req"
     rps=$(printf '%s\n' "$out" | awk '/Requests\/sec/ {print $2}')
     awk -v r="$rps" -v c=$((c1 - c0)) -v n="$n" -v hz="$HZ" 'BEGIN { printf "%.0f %.2f\n", r, c * 1e6 / hz / n }'
 }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 for mode in ka close; do
     : > "$DIR/app-$mode"; : > "$DIR/nginx-$mode"
     for r in $(seq 1 "$ROUNDS"); do
