@@ -71,7 +71,8 @@ impl Master {
         self.interval.next = Some(now + self.config.heartbeat_interval);
         for w in self.pool.workers.values() {
             let a = p.live(w.board_index);
-            if let Some(cpu) = metrics::cpu_ns(w.pid) {
+            // Read by the memory sweep (about once a second), not read again here.
+            if let Some(cpu) = w.rates.cpu_ns() {
                 a.set(metrics::A_CPU_NS, cpu);
             }
             a.set(metrics::A_PSS, w.memory.pss.unwrap_or(w.memory.rss));

@@ -11,6 +11,8 @@ const MIN_SPAN: Duration = Duration::from_millis(250);
 #[derive(Debug, Default)]
 pub struct Rates {
     cpu: Option<(Instant, u64)>,
+    /// The latest CPU time read, in clock ticks (also what the metrics page reports).
+    cpu_latest: Option<u64>,
     /// 100 = one whole CPU.
     pub cpu_percent: f64,
     requests: Option<(Instant, u64)>,
@@ -30,9 +32,18 @@ impl Rates {
         let Some(ticks) = cpu_ticks(pid) else {
             return;
         };
+        self.cpu_latest = Some(ticks);
         if let Some(rate) = step(&mut self.cpu, now, ticks) {
             self.cpu_percent = rate * 100.0 / clock_ticks() as f64;
         }
+    }
+}
+
+impl Rates {
+    /// The worker's CPU time as of the latest sample, in nanoseconds.
+    pub fn cpu_ns(&self) -> Option<u64> {
+        self.cpu_latest
+            .map(|ticks| ticks * 1_000_000_000 / clock_ticks())
     }
 }
 
