@@ -835,10 +835,11 @@ impl Master {
             return;
         }
         let generation = self.pool.generation;
+        // One pass over the workers, not one per slot: this runs every turn, and with
+        // hundreds of workers a lookup per slot made each turn quadratic.
+        let held = self.pool.held_slots(generation);
         for slot in 0..self.pool.slots.len() {
-            if self.pool.holder(generation, slot).is_some()
-                || now < self.pool.slots[slot].next_start
-            {
+            if held.get(slot).copied().unwrap_or(false) || now < self.pool.slots[slot].next_start {
                 continue;
             }
             match self.spawn_worker(slot, generation, None) {

@@ -174,6 +174,17 @@ impl Pool {
     }
 
     /// The worker holding `slot` in `generation`, if any.
+    /// For each slot, whether a worker of `generation` holds it (see [`Pool::holder`]).
+    pub fn held_slots(&self, generation: u64) -> Vec<bool> {
+        let mut held = vec![false; self.slots.len()];
+        for w in self.workers.values() {
+            if w.generation == generation && w.holds_slot() && w.slot < held.len() {
+                held[w.slot] = true;
+            }
+        }
+        held
+    }
+
     pub fn holder(&self, generation: u64, slot: usize) -> Option<&Worker> {
         self.workers
             .values()
