@@ -104,6 +104,13 @@ pub struct WorkerReport {
     pub rss_bytes: u64,
     pub pss_bytes: Option<u64>,
     pub restarts: u32,
+    /// `pinned` (to `cpu`), `widened` (by `cpu_affinity = auto`, its CPU being
+    /// contended), `none` or `list` (a fixed mask).
+    #[serde(default)]
+    pub affinity: String,
+    /// The CPUs it may run on, e.g. `0-3`.
+    #[serde(default)]
+    pub cpus_allowed: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -327,6 +334,14 @@ pub fn render_table(s: &StatusReport) -> String {
             w.pss_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
             w.restarts
         );
+    }
+    if s.workers.iter().any(|w| !w.affinity.is_empty()) {
+        let list: Vec<String> = s
+            .workers
+            .iter()
+            .map(|w| format!("{} {} {}", w.id, w.affinity, w.cpus_allowed))
+            .collect();
+        let _ = writeln!(out, "affinity (ID MODE CPUS): {}", list.join(", "));
     }
     out
 }

@@ -69,6 +69,10 @@ pub struct Worker {
     pub handoff: std::sync::Arc<std::os::fd::OwnedFd>,
     /// Its entry on the load board.
     pub board_index: usize,
+    /// The CPUs it may run on now, and how it got them (`pinned`, `widened`, `none`,
+    /// `list`).
+    pub mask: Vec<usize>,
+    pub affinity: &'static str,
 }
 
 impl Worker {

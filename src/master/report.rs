@@ -106,6 +106,8 @@ impl Master {
                 rss_bytes: w.memory.rss,
                 pss_bytes: w.memory.pss,
                 restarts: self.pool.slots.get(w.slot).map_or(0, |s| s.restarts),
+                affinity: w.affinity.into(),
+                cpus_allowed: super::affinity::format_cpu_list(&w.mask),
             })
             .collect();
         StatusReport {
