@@ -10,8 +10,10 @@
 //!
 //! * **widen** a pinned worker to every allowed CPU when it *waited* for its CPU for at least
 //!   [`Tuning::widen_wait`] of the interval while another allowed CPU was at least
-//!   [`Tuning::idle_min`] idle — twice in a row ([`Tuning::widen_after`]), or once if it
-//!   waited [`Tuning::widen_wait_strong`] (half a CPU lost is not worth a second look);
+//!   [`Tuning::idle_min`] idle and the workers pinned there waited at most
+//!   [`Tuning::asymmetry`] of what it waited (contention on every CPU alike, such as a
+//!   load generator spread over all of them, is no reason to move) — twice in a row
+//!   ([`Tuning::widen_after`]), or once if it waited [`Tuning::widen_wait_strong`];
 //! * **pin again** a widened worker once it has been widened for its hold time and, for
 //!   [`Tuning::calm_after`] samples in a row, the load that is not ours on its home CPU
 //!   (busy time less the run time of our workers at home there; at most the host's whole
@@ -41,6 +43,9 @@ pub struct Tuning {
     pub widen_wait_strong: f64,
     /// Another allowed CPU must be at least this idle for widening to gain anything.
     pub idle_min: f64,
+    /// ...and the workers pinned to it must have waited at most this fraction of what the
+    /// contended worker waited (the contention is on its CPU, not everywhere).
+    pub asymmetry: f64,
     /// Contended samples in a row before widening.
     pub widen_after: u32,
     /// Foreign load on the home CPU below which the contention counts as gone.
@@ -58,9 +63,10 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Tuning {
         Tuning {
-            widen_wait: 0.05,
+            widen_wait: 0.10,
             widen_wait_strong: 0.20,
             idle_min: 0.15,
+            asymmetry: 0.5,
             widen_after: 2,
             foreign_low: 0.20,
             calm_after: 3,
@@ -148,6 +154,8 @@ pub struct Policy {
 struct Delta {
     pid: i32,
     home: usize,
+    /// Widened when the interval began.
+    widened: bool,
     run: f64,
     wait: f64,
 }
@@ -201,6 +209,7 @@ impl Policy {
                 Some(Delta {
                     pid: t.pid,
                     home: t.home,
+                    widened: self.tracks[&t.pid].mode == Mode::Widened,
                     run: frac(t.run_ns, p.run_ns),
                     wait: frac(t.wait_ns, p.wait_ns),
                 })
@@ -256,14 +265,21 @@ impl Policy {
             let track = self.tracks.get_mut(&d.pid).expect("tracked above");
             match track.mode {
                 Mode::Pinned => {
+                    // The idlest other CPU whose own pinned workers are not waiting as much.
                     let best = idle
                         .iter()
-                        .filter(|(c, _)| **c != d.home)
+                        .filter(|(c, i)| {
+                            **c != d.home
+                                && **i >= t.idle_min
+                                && deltas
+                                    .iter()
+                                    .filter(|o| o.home == **c && !o.widened)
+                                    .all(|o| o.wait <= d.wait * t.asymmetry)
+                        })
                         .max_by(|a, b| a.1.total_cmp(b.1))
                         .map(|(c, i)| (*c, *i));
-                    let contended = d.wait >= t.widen_wait
-                        && best.is_some_and(|(_, i)| i >= t.idle_min)
-                        && self.allowed.contains(&d.home);
+                    let contended =
+                        d.wait >= t.widen_wait && best.is_some() && self.allowed.contains(&d.home);
                     if !contended {
                         track.contended = 0;
                         continue;
@@ -553,9 +569,9 @@ mod tests {
         let mut h = Host::new(2, &[(10, 0), (11, 1)]);
         let mut p = policy(2);
         p.observe(h.sample());
-        // 8 % wait: contended, but not strongly; an interruption resets the streak.
+        // 15 % wait: contended, but not strongly; an interruption resets the streak.
         assert!(
-            p.observe(h.tick(&[40, 90], &[(300, 0), (600, 80)]))
+            p.observe(h.tick(&[40, 90], &[(300, 0), (600, 150)]))
                 .is_empty()
         );
         assert!(
@@ -563,11 +579,28 @@ mod tests {
                 .is_empty()
         );
         assert!(
-            p.observe(h.tick(&[40, 90], &[(300, 0), (600, 80)]))
+            p.observe(h.tick(&[40, 90], &[(300, 0), (600, 150)]))
                 .is_empty()
         );
-        let d = p.observe(h.tick(&[40, 90], &[(300, 0), (600, 80)]));
+        let d = p.observe(h.tick(&[40, 90], &[(300, 0), (600, 150)]));
         assert_eq!(widened(&d), vec![11]);
+    }
+
+    #[test]
+    fn contention_on_every_cpu_alike_is_no_reason_to_widen() {
+        let mut h = Host::new(2, &[(10, 0), (11, 1)]);
+        let mut p = policy(2);
+        p.observe(h.sample());
+        // A load generator spread over both CPUs: both workers wait (12 % and 9 %), and
+        // bursts leave CPU 1 28 % idle now and then: symmetric, so both stay pinned.
+        for _ in 0..30 {
+            let d = p.observe(h.tick(&[90, 72], &[(500, 120), (450, 90)]));
+            assert!(d.is_empty(), "{d:?}");
+        }
+        // The same with worker 11 waiting little: the contention is CPU 0's own.
+        p.observe(h.tick(&[90, 72], &[(500, 120), (450, 20)]));
+        let d = p.observe(h.tick(&[90, 72], &[(500, 120), (450, 20)]));
+        assert_eq!(widened(&d), vec![10]);
     }
 
     #[test]
