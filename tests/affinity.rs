@@ -232,9 +232,15 @@ fn auto_widens_the_worker_of_a_hogged_cpu_and_pins_it_again() {
             .as_secs_f64()
             .min(repinned.unwrap().as_secs_f64())
     );
-    // The other worker was never touched.
-    let w0 = worker_on(&srv, 0);
-    assert_eq!(cpus_allowed(w0), "0");
+    // (Worker 0 may be widened by now, and rightly: the test's own client threads are
+    // pinned to CPU 0, a foreign load there, and CPU 1 idles again.)
+    for l in srv
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("widened") || l.contains("pinned to"))
+    {
+        eprintln!("  {l}");
+    }
 }
 
 #[test]
@@ -272,8 +278,10 @@ fn auto_on_an_idle_host_with_symmetric_load_keeps_one_worker_per_cpu() {
     let srv = Server::start(Launch::default());
     let ws = srv.workers();
     assert_eq!(ws.len(), n);
-    // One client thread per CPU, free to run anywhere: the load is symmetric.
-    let load = Load::start(srv.port, n, 8, None);
+    // One client thread on each CPU: the load is symmetric.
+    let loads: Vec<Load> = (0..n)
+        .map(|c| Load::start(srv.port, 1, 8, Some(c)))
+        .collect();
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(8) {
         for (slot, pid, cpu, _, _) in &ws {
@@ -286,7 +294,7 @@ fn auto_on_an_idle_host_with_symmetric_load_keeps_one_worker_per_cpu() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let served = load.stop();
+    let served: u64 = loads.into_iter().map(Load::stop).sum();
     eprintln!("{t}: {served} requests in 8 s, every worker pinned throughout");
 }
 

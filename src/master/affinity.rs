@@ -12,7 +12,7 @@
 //!   [`Tuning::widen_wait`] of the interval while another allowed CPU was at least
 //!   [`Tuning::idle_min`] idle and the workers pinned there waited at most
 //!   [`Tuning::asymmetry`] of what it waited (contention on every CPU alike, such as a
-//!   load generator spread over all of them, is no reason to move) — twice in a row
+//!   load generator spread over all of them, is no reason to move) — three times in a row
 //!   ([`Tuning::widen_after`]), or once if it waited [`Tuning::widen_wait_strong`];
 //! * **pin again** a widened worker once it has been widened for its hold time and, for
 //!   [`Tuning::calm_after`] samples in a row, the load that is not ours on its home CPU
@@ -67,7 +67,7 @@ impl Default for Tuning {
             widen_wait_strong: 0.20,
             idle_min: 0.15,
             asymmetry: 0.5,
-            widen_after: 2,
+            widen_after: 3,
             foreign_low: 0.20,
             calm_after: 3,
             min_hold: Duration::from_secs(5),
@@ -578,10 +578,12 @@ mod tests {
             p.observe(h.tick(&[40, 90], &[(300, 0), (600, 10)]))
                 .is_empty()
         );
-        assert!(
-            p.observe(h.tick(&[40, 90], &[(300, 0), (600, 150)]))
-                .is_empty()
-        );
+        for _ in 0..2 {
+            assert!(
+                p.observe(h.tick(&[40, 90], &[(300, 0), (600, 150)]))
+                    .is_empty()
+            );
+        }
         let d = p.observe(h.tick(&[40, 90], &[(300, 0), (600, 150)]));
         assert_eq!(widened(&d), vec![11]);
     }
@@ -598,6 +600,7 @@ mod tests {
             assert!(d.is_empty(), "{d:?}");
         }
         // The same with worker 11 waiting little: the contention is CPU 0's own.
+        p.observe(h.tick(&[90, 72], &[(500, 120), (450, 20)]));
         p.observe(h.tick(&[90, 72], &[(500, 120), (450, 20)]));
         let d = p.observe(h.tick(&[90, 72], &[(500, 120), (450, 20)]));
         assert_eq!(widened(&d), vec![10]);

@@ -92,6 +92,18 @@ impl Master {
             tasks,
             own_run_ns,
         };
+        tracing::debug!(
+            "affinity sample: tasks {:?}, cpus {:?}",
+            sample
+                .tasks
+                .iter()
+                .map(|t| (t.pid, t.home, t.run_ns / 1_000_000, t.wait_ns / 1_000_000))
+                .collect::<Vec<_>>(),
+            sample.cpus.as_ref().map(|c| c
+                .iter()
+                .map(|c| (c.cpu, c.busy, c.total))
+                .collect::<Vec<_>>())
+        );
         let decisions = match &mut self.balance.policy {
             Some(p) => p.observe(sample),
             None => return,
