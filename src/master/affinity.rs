@@ -16,8 +16,9 @@
 //!   ([`Tuning::widen_after`]), or once if it waited [`Tuning::widen_wait_strong`];
 //! * **pin again** a widened worker once it has been widened for its hold time and, for
 //!   [`Tuning::calm_after`] samples in a row, the load that is not ours on its home CPU
-//!   (busy time less the run time of our workers at home there; at most the host's whole
-//!   foreign load) stayed under [`Tuning::foreign_low`] of a CPU;
+//!   (its busy time less the run time of the workers pinned there and of every widened
+//!   worker; at most the host's whole foreign load) stayed under [`Tuning::foreign_low`] of
+//!   a CPU;
 //! * a worker widened again within [`Tuning::rewiden_window`] of being pinned again holds
 //!   twice as long (up to [`Tuning::max_hold`]): a contention that comes and goes costs at
 //!   most one wrong re-pin per hold time;
@@ -255,11 +256,12 @@ impl Policy {
         let secs = dt / 1e9;
         let mut out = Vec::new();
         for d in &deltas {
-            // Run time of our workers at home on d.home: pinned there, or widened from there
-            // (all of a widened worker's run is counted, so foreign load is a lower bound).
+            // Our run time that may have been on d.home: the workers pinned there, and every
+            // widened worker in full (so the foreign load is a lower bound: an error there
+            // costs one re-pin, widened again with a doubled hold).
             let ours_home: f64 = deltas
                 .iter()
-                .filter(|o| o.home == d.home)
+                .filter(|o| o.widened || o.home == d.home)
                 .map(|o| o.run)
                 .sum();
             let track = self.tracks.get_mut(&d.pid).expect("tracked above");
@@ -639,6 +641,37 @@ mod tests {
         assert_eq!(pinned(&d), vec![11], "third calm second pins again");
         assert!(matches!(&d[0], Decision::Pin { cpu: 1, why, .. } if why.contains("gone")));
         assert_eq!(p.mode(11), Some(Mode::Pinned));
+    }
+
+    #[test]
+    fn two_widened_workers_both_pin_again_when_the_hog_stops() {
+        let mut h = Host::new(2, &[(10, 0), (11, 1)]);
+        let mut p = policy(2);
+        p.observe(h.sample());
+        // A hog on CPU 1, then load on CPU 0 too: both end up widened.
+        assert_eq!(
+            widened(&p.observe(h.tick(&[60, 100], &[(400, 0), (500, 400)]))),
+            vec![11]
+        );
+        assert_eq!(
+            widened(&p.observe(h.tick(&[100, 70], &[(500, 400), (300, 0)]))),
+            vec![10]
+        );
+        // While the hog runs, at least 40 % of a CPU is provably not ours: both stay widened.
+        // (Were our workers running 90 % of the two CPUs, the hog's share could not be
+        // placed: the re-pin after the hold would be a probe, undone within a second.)
+        for _ in 0..10 {
+            assert!(
+                p.observe(h.tick(&[100, 100], &[(300, 50), (300, 50)]))
+                    .is_empty()
+            );
+        }
+        // The hog stops: each CPU now runs our two widened workers (60 % in all per CPU,
+        // which ones where unknown) and nothing else; both are pinned again together.
+        let calm = |h: &mut Host| h.tick(&[60, 60], &[(600, 0), (600, 0)]);
+        assert!(p.observe(calm(&mut h)).is_empty());
+        assert!(p.observe(calm(&mut h)).is_empty());
+        assert_eq!(pinned(&p.observe(calm(&mut h))), vec![10, 11]);
     }
 
     #[test]
