@@ -14,11 +14,15 @@
 //!   [`Tuning::asymmetry`] of what it waited (contention on every CPU alike, such as a
 //!   load generator spread over all of them, is no reason to move) — three times in a row
 //!   ([`Tuning::widen_after`]), or once if it waited [`Tuning::widen_wait_strong`];
-//! * **pin again** a widened worker once it has been widened for its hold time and, for
+//! * one contended CPU widens **the whole pool**: a worker left pinned would compete on its
+//!   own CPU with the widened one while the foreign load moves between CPUs (a load
+//!   generator, a sidecar), and the scheduler balances best when it may move every worker;
+//! * **pin again** the pool once every worker has been widened for its hold time and, for
 //!   [`Tuning::calm_after`] samples in a row, the load that is not ours on its home CPU
 //!   (its busy time less the run time of the workers pinned there and of every widened
 //!   worker; at most the host's whole foreign load) stayed under [`Tuning::foreign_low`] of
-//!   a CPU;
+//!   a CPU, and the host's whole foreign load (every CPU's busy time less our run time,
+//!   exact) under [`Tuning::foreign_low`] per 8 CPUs;
 //! * a worker widened again within [`Tuning::rewiden_window`] of being pinned again holds
 //!   twice as long (up to [`Tuning::max_hold`]): a contention that comes and goes costs at
 //!   most one wrong re-pin per hold time;
@@ -255,6 +259,25 @@ impl Policy {
         let at = sample.at;
         let secs = dt / 1e9;
         let mut out = Vec::new();
+        // The pool is pinned again only together, when the foreign load is gone from every
+        // widened worker's home CPU and from the host as a whole (up to foreign_low per 8
+        // CPUs). Without /proc/stat: always (the re-pin is a probe).
+        let mut trigger: Option<(usize, usize)> = None;
+        let pool_calm = match &busy {
+            None => true,
+            Some(b) => {
+                let scale = self.allowed.len().div_ceil(8) as f64;
+                foreign_total.is_none_or(|f| f < t.foreign_low * scale)
+                    && deltas.iter().filter(|d| d.widened).all(|d| {
+                        let ours: f64 = deltas
+                            .iter()
+                            .filter(|o| o.widened || o.home == d.home)
+                            .map(|o| o.run)
+                            .sum();
+                        b.get(&d.home).copied().unwrap_or(1.0) - ours < t.foreign_low
+                    })
+            }
+        };
         for d in &deltas {
             // Our run time that may have been on d.home: the workers pinned there, and every
             // widened worker in full (so the foreign load is a lower bound: an error there
@@ -301,6 +324,7 @@ impl Policy {
                     track.contended = 0;
                     track.calm = 0;
                     let (c, i) = best.expect("contended implies an idle CPU");
+                    trigger.get_or_insert((d.home, c));
                     out.push(Decision::Widen {
                         pid: d.pid,
                         home: d.home,
@@ -319,7 +343,7 @@ impl Policy {
                         let home = (b.get(&d.home).copied().unwrap_or(1.0) - ours_home).max(0.0);
                         home.min(foreign_total.unwrap_or(home))
                     });
-                    let calm = foreign.is_none_or(|f| f < t.foreign_low);
+                    let calm = pool_calm;
                     track.calm = if calm { track.calm + 1 } else { 0 };
                     if track.calm >= t.calm_after
                         && at.saturating_sub(track.widened_at) >= track.hold
@@ -333,9 +357,10 @@ impl Policy {
                             cpu: d.home,
                             why: match foreign {
                                 Some(f) => format!(
-                                    "contention on CPU {} is gone (foreign load {:.0}% of it)",
+                                    "contention on CPU {} is gone (foreign load {:.0}% of it, {:.0}% of a CPU on the host)",
                                     d.home,
-                                    f * 100.0
+                                    f * 100.0,
+                                    foreign_total.unwrap_or(0.0) * 100.0
                                 ),
                                 None => format!(
                                     "widened for {}s; pinning again to CPU {} as a probe (no /proc/stat)",
@@ -346,6 +371,37 @@ impl Policy {
                         });
                     }
                 }
+            }
+        }
+        // One contended CPU widens the whole pool: a worker left pinned would compete with
+        // the widened one on its own CPU while the foreign load (a load generator, a
+        // sidecar) moves from CPU to CPU, and the scheduler balances best when it may move
+        // every worker.
+        if let Some((home, idle_cpu)) = trigger {
+            for d in &deltas {
+                let track = self.tracks.get_mut(&d.pid).expect("tracked above");
+                if track.mode != Mode::Pinned {
+                    continue;
+                }
+                track.hold = match track.repinned_at {
+                    Some(r) if at.saturating_sub(r) <= t.rewiden_window => {
+                        (track.hold * 2).min(t.max_hold)
+                    }
+                    _ => t.min_hold,
+                };
+                track.mode = Mode::Widened;
+                track.widened_at = at;
+                track.contended = 0;
+                track.calm = 0;
+                out.push(Decision::Widen {
+                    pid: d.pid,
+                    home: d.home,
+                    mask: self.allowed.clone(),
+                    why: format!(
+                        "with the pool: CPU {home} is contended while CPU {idle_cpu} idles; holding at least {}s",
+                        track.hold.as_secs()
+                    ),
+                });
             }
         }
         out
@@ -518,6 +574,8 @@ mod tests {
                 Decision::Widen { pid, .. } => Some(*pid),
                 _ => None,
             })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect()
     }
 
@@ -527,6 +585,8 @@ mod tests {
                 Decision::Pin { pid, .. } => Some(*pid),
                 _ => None,
             })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect()
     }
 
@@ -545,13 +605,13 @@ mod tests {
     }
 
     #[test]
-    fn hog_on_a_cpu_widens_its_worker_at_once_and_only_it() {
+    fn hog_on_a_cpu_widens_the_pool_at_once() {
         let mut h = Host::new(2, &[(10, 0), (11, 1)]);
         let mut p = policy(2);
         p.observe(h.sample());
         // A hog on CPU 1: worker 11 runs half the time and waits 45 %; CPU 0 is 50 % idle.
         let d = p.observe(h.tick(&[50, 100], &[(450, 5), (500, 450)]));
-        assert_eq!(widened(&d), vec![11], "{d:?}");
+        assert_eq!(widened(&d), vec![10, 11], "{d:?}");
         match &d[0] {
             Decision::Widen {
                 mask, home, why, ..
@@ -562,8 +622,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert!(
+            matches!(&d[1], Decision::Widen { pid: 10, why, .. } if why.starts_with("with the pool: CPU 1 is contended")),
+            "{d:?}"
+        );
         assert_eq!(p.mode(11), Some(Mode::Widened));
-        assert_eq!(p.mode(10), Some(Mode::Pinned));
+        assert_eq!(p.mode(10), Some(Mode::Widened));
     }
 
     #[test]
@@ -587,7 +651,7 @@ mod tests {
             );
         }
         let d = p.observe(h.tick(&[40, 90], &[(300, 0), (600, 150)]));
-        assert_eq!(widened(&d), vec![11]);
+        assert_eq!(widened(&d), vec![10, 11]);
     }
 
     #[test]
@@ -605,7 +669,7 @@ mod tests {
         p.observe(h.tick(&[90, 72], &[(500, 120), (450, 20)]));
         p.observe(h.tick(&[90, 72], &[(500, 120), (450, 20)]));
         let d = p.observe(h.tick(&[90, 72], &[(500, 120), (450, 20)]));
-        assert_eq!(widened(&d), vec![10]);
+        assert_eq!(widened(&d), vec![10, 11]);
     }
 
     #[test]
@@ -627,7 +691,7 @@ mod tests {
         let mut p = policy(2);
         p.observe(h.sample());
         let hog = |h: &mut Host| h.tick(&[70, 100], &[(500, 0), (500, 300)]);
-        assert_eq!(widened(&p.observe(hog(&mut h))), vec![11]);
+        assert_eq!(widened(&p.observe(hog(&mut h))), vec![10, 11]);
         // The hog stays: CPU 1 busy 100 %, worker 11 (now widened) ran 500 ms in all, so at
         // least 50 % of CPU 1 is foreign: no re-pin, however long.
         for _ in 0..20 {
@@ -638,8 +702,11 @@ mod tests {
         assert!(p.observe(calm(&mut h)).is_empty());
         assert!(p.observe(calm(&mut h)).is_empty());
         let d = p.observe(calm(&mut h));
-        assert_eq!(pinned(&d), vec![11], "third calm second pins again");
-        assert!(matches!(&d[0], Decision::Pin { cpu: 1, why, .. } if why.contains("gone")));
+        assert_eq!(pinned(&d), vec![10, 11], "third calm second pins again");
+        assert!(
+            d.iter()
+                .any(|d| matches!(d, Decision::Pin { cpu: 1, why, .. } if why.contains("gone")))
+        );
         assert_eq!(p.mode(11), Some(Mode::Pinned));
     }
 
@@ -648,14 +715,10 @@ mod tests {
         let mut h = Host::new(2, &[(10, 0), (11, 1)]);
         let mut p = policy(2);
         p.observe(h.sample());
-        // A hog on CPU 1, then load on CPU 0 too: both end up widened.
+        // A hog on CPU 1: the pool is widened.
         assert_eq!(
             widened(&p.observe(h.tick(&[60, 100], &[(400, 0), (500, 400)]))),
-            vec![11]
-        );
-        assert_eq!(
-            widened(&p.observe(h.tick(&[100, 70], &[(500, 400), (300, 0)]))),
-            vec![10]
+            vec![10, 11]
         );
         // While the hog runs, at least 40 % of a CPU is provably not ours: both stay widened.
         // (Were our workers running 90 % of the two CPUs, the hog's share could not be
@@ -681,7 +744,7 @@ mod tests {
         p.observe(h.sample());
         assert_eq!(
             widened(&p.observe(h.tick(&[50, 100], &[(400, 0), (500, 400)]))),
-            vec![11]
+            vec![10, 11]
         );
         // Calm right away: still 5 s (min_hold) before pinning again.
         for s in 1..5 {
@@ -692,7 +755,7 @@ mod tests {
         }
         assert_eq!(
             pinned(&p.observe(h.tick(&[10, 10], &[(50, 0), (50, 0)]))),
-            vec![11]
+            vec![10, 11]
         );
     }
 
@@ -705,13 +768,13 @@ mod tests {
         let mut holds = Vec::new();
         for _ in 0..7 {
             let d = p.observe(h.tick(&[50, 100], &[(400, 0), (500, 400)]));
-            assert_eq!(widened(&d), vec![11]);
+            assert_eq!(widened(&d), vec![10, 11]);
             let mut secs = 0;
             loop {
                 secs += 1;
                 let d = p.observe(h.tick(&[10, 10], &[(50, 0), (50, 0)]));
                 if !d.is_empty() {
-                    assert_eq!(pinned(&d), vec![11]);
+                    assert_eq!(pinned(&d), vec![10, 11]);
                     break;
                 }
                 assert!(secs < 1000);
@@ -743,7 +806,7 @@ mod tests {
         p.observe(h.sample());
         // Worker 10 ran and waited 30 %: CPU 0 is about 70 % idle; worker 11 waited 40 %.
         let d = p.observe(h.tick(&[0, 0], &[(300, 0), (500, 400)]));
-        assert_eq!(widened(&d), vec![11]);
+        assert_eq!(widened(&d), vec![10, 11]);
         // No way to see the foreign load: pinned again after the hold, as a probe.
         let mut n = 0;
         while p.observe(h.tick(&[0, 0], &[(300, 0), (500, 0)])).is_empty() {
@@ -767,7 +830,7 @@ mod tests {
         p.observe(h.sample());
         assert_eq!(
             widened(&p.observe(h.tick(&[50, 100], &[(400, 0), (500, 400)]))),
-            vec![11]
+            vec![10, 11]
         );
         // Worker 11 is replaced by 12: the new one starts pinned, no decision on its first
         // sample (no interval yet), and 11 is forgotten.
