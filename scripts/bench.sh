@@ -1032,3 +1032,15 @@ if [ "$TLS_BENCH" = 1 ]; then
     log "TLS against nginx (scripts/bench/tls-bench.sh)"
     "$HERE/tls-bench.sh" "$APP_BIN" "$DURATION" "$PAIR_RUNS" | tee -a "$OUT/results.txt"
 fi
+
+# ---------------------------------------------------------------- cpu_affinity anchors (issue 14)
+# --compare also runs scripts/bench/pinning.sh (self-contained): app with cpu_affinity auto
+# and pin, a bare prefork, axum on tokio's multi-thread runtime and nginx, under wrk -t2, -t1,
+# -t1 -c256 and a CPU hog on CPU 1. BENCH_PINNING=0 skips it.
+if [ "$COMPARE" = 1 ] && [ "${BENCH_PINNING:-1}" = 1 ] && [ -z "$URL" ]; then
+    for n in "${SERVERS[@]}"; do stop_server "$n" || true; done
+    log "cpu_affinity scenarios: scripts/bench/pinning.sh (BENCH_PINNING=0 skips them)"
+    pin_args=(--workers "$WORKERS" --duration "$DURATION" --out "$OUT")
+    [ "$BUILD" = 1 ] || pin_args+=(--no-build)
+    "$HERE/pinning.sh" "${pin_args[@]}"
+fi

@@ -41,6 +41,59 @@ pub enum AcceptStrategy {
     RoundRobin,
 }
 
+/// Where workers may run (`cpu_affinity`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CpuAffinity {
+    /// Pinned one CPU per worker while that is free; a worker whose CPU is contended while
+    /// another CPU idles is allowed on every CPU until the contention is gone.
+    #[default]
+    Auto,
+    /// One CPU per worker, always.
+    Pin,
+    /// Every worker on every CPU the master may use (the scheduler decides).
+    None,
+    /// Every worker on exactly these CPUs.
+    List(Vec<usize>),
+}
+
+impl std::str::FromStr for CpuAffinity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<CpuAffinity, String> {
+        match s.trim() {
+            "auto" => Ok(CpuAffinity::Auto),
+            "pin" => Ok(CpuAffinity::Pin),
+            "none" => Ok(CpuAffinity::None),
+            list => crate::master::affinity::parse_cpu_list(list)
+                .map(CpuAffinity::List)
+                .map_err(|e| format!("{e}, or \"auto\", \"pin\", \"none\"")),
+        }
+    }
+}
+
+impl std::fmt::Display for CpuAffinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CpuAffinity::Auto => f.write_str("auto"),
+            CpuAffinity::Pin => f.write_str("pin"),
+            CpuAffinity::None => f.write_str("none"),
+            CpuAffinity::List(l) => f.write_str(&crate::master::affinity::format_cpu_list(l)),
+        }
+    }
+}
+
+/// Each worker's NUMA memory policy (`numa`), set with `set_mempolicy(2)` before exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum NumaPolicy {
+    /// The kernel's default: memory from the node of the CPU that touches it first.
+    #[default]
+    Local,
+    /// Pages spread round-robin over every node with memory (`numactl --interleave=all`).
+    Interleave,
+    /// Memory only from the node of the worker's home CPU (`numactl --membind`).
+    Bind,
+}
+
 /// HTTP limits applied by the worker's server setup, around the user's service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HttpLimits {
@@ -103,6 +156,8 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     pub chaos: bool,
     pub chaos_boot_crash: bool,
+    pub cpu_affinity: CpuAffinity,
+    pub numa: NumaPolicy,
     pub http: HttpLimits,
     /// The `[service]` table as written (an empty table when absent), checked by the
     /// user's settings type and handed to every worker.
@@ -176,6 +231,12 @@ pub struct ServeArgs {
     /// Make every worker crash while booting (demonstrates the restart budget).
     #[arg(long, hide = true)]
     pub chaos_boot_crash: bool,
+    /// Where workers run: auto, pin, none, or a CPU list like 0,2-3 [default: auto].
+    #[arg(long, env = "APP_CPU_AFFINITY", value_name = "POLICY")]
+    pub cpu_affinity: Option<CpuAffinity>,
+    /// Workers' NUMA memory policy [default: local].
+    #[arg(long, env = "APP_NUMA", value_enum)]
+    pub numa: Option<NumaPolicy>,
 }
 
 /// The file's shape. Every key is optional; unknown keys are an error.
@@ -200,6 +261,8 @@ struct FileConfig {
     max_requests_jitter: Option<u64>,
     control_socket: Option<PathBuf>,
     chaos: Option<bool>,
+    cpu_affinity: Option<String>,
+    numa: Option<NumaPolicy>,
     #[serde(default)]
     http: FileHttp,
     #[serde(default)]
@@ -435,6 +498,16 @@ impl Config {
             (None, Some(v)) => v.resolve("max_memory")?,
             (None, None) => 0,
         };
+        let cpu_affinity = match (&args.cpu_affinity, &f.cpu_affinity) {
+            (Some(a), _) => a.clone(),
+            (None, Some(s)) => s.parse().map_err(|e| invalid("cpu_affinity", e))?,
+            (None, None) => CpuAffinity::Auto,
+        };
+        // An explicit CPU list sizes the default pool like the CPUs the master may use.
+        let default_workers = match &cpu_affinity {
+            CpuAffinity::List(l) => l.len(),
+            _ => default_workers,
+        };
         let cfg = Config {
             config_file: args.config.clone(),
             workers: args.workers.or(f.workers).unwrap_or(default_workers),
@@ -483,6 +556,8 @@ impl Config {
             control_socket: args.control_socket.clone().or(f.control_socket),
             chaos: args.chaos || f.chaos.unwrap_or(false),
             chaos_boot_crash: args.chaos_boot_crash,
+            cpu_affinity,
+            numa: args.numa.or(f.numa).unwrap_or_default(),
             http,
             service: toml::Value::Table(f.service.unwrap_or_default()),
             tls: f.tls.as_ref().map(FileTls::check).transpose()?,
@@ -901,6 +976,40 @@ mod tests {
             last_table, "[service]",
             "[service] must stay the last table"
         );
+    }
+
+    #[test]
+    fn affinity_and_numa_keys() {
+        let c = load("", ServeArgs::default()).unwrap();
+        assert_eq!(c.cpu_affinity, CpuAffinity::Auto);
+        assert_eq!(c.numa, NumaPolicy::Local);
+        let c = load(
+            "cpu_affinity = \"0,2-3\"\nnuma = \"interleave\"",
+            ServeArgs::default(),
+        )
+        .unwrap();
+        assert_eq!(c.cpu_affinity, CpuAffinity::List(vec![0, 2, 3]));
+        assert_eq!(c.workers, 3, "a CPU list sizes the default pool");
+        assert_eq!(c.numa, NumaPolicy::Interleave);
+        let args = ServeArgs {
+            cpu_affinity: Some(CpuAffinity::Pin),
+            ..Default::default()
+        };
+        assert_eq!(
+            load("cpu_affinity = \"none\"", args).unwrap().cpu_affinity,
+            CpuAffinity::Pin
+        );
+        for (bad, word) in [
+            (
+                "cpu_affinity = \"sometimes\"",
+                "cpu_affinity: \"sometimes\"",
+            ),
+            ("numa = \"far\"", "line 1: unknown variant `far`"),
+        ] {
+            let e = load(bad, ServeArgs::default()).unwrap_err();
+            assert!(e.message.contains(word), "{}", e.message);
+        }
+        assert_eq!(CpuAffinity::List(vec![0, 1, 3]).to_string(), "0-1,3");
     }
 
     #[test]

@@ -164,6 +164,13 @@ pub struct WorkerReport {
     /// `app_worker_request_duration_p99_seconds`); 0 without requests.
     #[serde(default)]
     pub p99_ms_last_interval: f64,
+    /// `pinned` (to `cpu`), `widened` (by `cpu_affinity = auto`, its CPU being
+    /// contended), `none` or `list` (a fixed mask).
+    #[serde(default)]
+    pub affinity: String,
+    /// The CPUs it may run on, e.g. `0-3`.
+    #[serde(default)]
+    pub cpus_allowed: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -464,6 +471,14 @@ pub fn render_table(s: &StatusReport) -> String {
             w.pss_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
             w.restarts
         );
+    }
+    if s.workers.iter().any(|w| !w.affinity.is_empty()) {
+        let list: Vec<String> = s
+            .workers
+            .iter()
+            .map(|w| format!("{} {} {}", w.id, w.affinity, w.cpus_allowed))
+            .collect();
+        let _ = writeln!(out, "affinity (ID MODE CPUS): {}", list.join(", "));
     }
     out
 }

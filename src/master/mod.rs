@@ -40,10 +40,13 @@ macro_rules! about {
     };
 }
 
+pub mod affinity;
+mod balance;
 pub mod budget;
 mod dispatch;
 pub mod memory;
 mod metrics;
+mod numa;
 pub mod pool;
 mod rates;
 mod report;
@@ -182,6 +185,10 @@ pub struct Master {
     /// The pool's metrics page (in the load board's memfd), if it could be made.
     metrics: Option<crate::metrics::Page>,
     interval: metrics::Interval,
+    /// `cpu_affinity` (as set at start) and, under `auto`, its policy.
+    balance: balance::Balance,
+    /// NUMA nodes, for `numa`.
+    numa: numa::Topology,
 }
 
 /// Why the loop woke.
@@ -224,7 +231,13 @@ impl Master {
             .unwrap_or_else(control::default_path);
         let mut pool = Pool::new();
         resize_slots(&mut pool, config.workers, &cpus, now);
+        let numa = numa::Topology::read();
+        if let Some(why) = numa.no_effect(config.numa) {
+            info!("{why}");
+        }
         Ok(Master {
+            balance: balance::Balance::new(config.cpu_affinity.clone(), cpus.clone(), now),
+            numa,
             budget: RestartBudget::new(config.restart_limit, config.restart_window),
             args,
             argv: std::env::args_os().collect(),
@@ -333,6 +346,7 @@ impl Master {
             self.reap(now);
             self.murder_hung(now);
             self.check_limits(now);
+            self.balance_affinity(now);
             self.advance_rollover(now);
             self.spawn_to_target(now);
             if let Some(code) = self.advance_stop(now) {
@@ -900,11 +914,14 @@ impl Master {
                 "no free load-board entry: too many workers alive at once",
             )
         })?;
+        let (mask, affinity) = self.balance.initial(cpu);
+        let mempolicy = self.numa.policy_for(config.numa, cpu);
         let spawned = spawn::spawn(SpawnRequest {
             exe,
             listeners: &self.listeners,
             board: self.board.fd().as_raw_fd(),
-            cpu,
+            mask: &mask,
+            mempolicy: mempolicy.as_ref(),
             argv: &self.argv,
         });
         let spawned = match spawned {
@@ -972,6 +989,8 @@ impl Master {
                 version: None,
                 rates: Default::default(),
                 ping_sent: None,
+                mask,
+                affinity,
             },
         );
         if let Some(w) = self.pool.workers.get(&pid) {
@@ -1044,7 +1063,8 @@ impl Master {
     }
 }
 
-/// Grows or shrinks the slot table; slot `i` is pinned to `cpus[i % cpus.len()]`.
+/// Grows or shrinks the slot table; slot `i` is homed (pinned, under `pin` and `auto`) on
+/// `cpus[i % cpus.len()]`.
 fn resize_slots(pool: &mut Pool, n: usize, cpus: &[usize], now: Instant) {
     pool.slots.truncate(n);
     while pool.slots.len() < n {
@@ -1073,8 +1093,18 @@ pub fn serve(
     check: SettingsCheck,
     handlers: Handlers,
 ) -> Result<i32, exit::Fatal> {
-    let cpus = spawn::allowed_cpus();
+    let mut cpus = spawn::allowed_cpus();
     let config = Config::load(&args, cpus.len(), check)?;
+    if let crate::config::CpuAffinity::List(list) = &config.cpu_affinity {
+        if let Some(c) = list.iter().find(|c| !cpus.contains(c)) {
+            return Err(exit::Fatal::config(format!(
+                "config error: cpu_affinity: CPU {c} is not one this process may use ({})",
+                affinity::format_cpu_list(&cpus)
+            )));
+        }
+        // Slots take their home CPU (logs, `app status`) from the list.
+        cpus = list.clone();
+    }
     crate::logging::init(&config.log_level, crate::logging::Identity::Master);
     // Both read and scrub the environment, so they run before any thread exists.
     let (mut listeners, activated) = crate::listen::take_or_bind(config.bind)?;
@@ -1107,10 +1137,12 @@ pub fn serve(
     }
     let notifier = Notifier::from_env();
     info!(
-        "master {} starting {} worker(s) on CPUs {:?}; {}",
+        "master {} starting {} worker(s) on CPUs {:?}, cpu_affinity = {}, numa = {:?}; {}",
         std::process::id(),
         config.workers,
         cpus,
+        config.cpu_affinity,
+        config.numa,
         if activated {
             "sockets from systemd"
         } else {

@@ -75,6 +75,10 @@ pub struct Worker {
     pub rates: super::rates::Rates,
     /// When the latest heartbeat went out (for the round trip in the metrics).
     pub ping_sent: Option<Instant>,
+    /// The CPUs it may run on now, and how it got them (`pinned`, `widened`, `none`,
+    /// `list`).
+    pub mask: Vec<usize>,
+    pub affinity: &'static str,
 }
 
 impl Worker {

@@ -151,6 +151,8 @@ impl Master {
                 },
                 rps_last_interval: self.metrics_rates(w).0,
                 p99_ms_last_interval: self.metrics_rates(w).1,
+                affinity: w.affinity.into(),
+                cpus_allowed: super::affinity::format_cpu_list(&w.mask),
             })
             .collect();
         StatusReport {

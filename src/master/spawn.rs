@@ -7,7 +7,8 @@
 //! * the listening sockets land on fd 3.., the worker's end of its IPC socket pair right after
 //!   them, then its end of the connection hand-off pair, then the load board; every other descriptor stays close-on-exec, so no earlier generation's channel or
 //!   the control socket leaks into a worker;
-//! * the CPU affinity is set to the worker's one CPU;
+//! * the CPU affinity is set to the worker's mask (its one CPU when pinned), and its NUMA
+//!   memory policy when `numa` asks for one;
 //! * `PR_SET_PDEATHSIG(SIGKILL)`, then a check that the master did not die before that call
 //!   (the documented race), so no orphan ever holds the port.
 //!
@@ -78,7 +79,10 @@ pub struct SpawnRequest<'a> {
     pub listeners: &'a [Listener],
     /// The load board's memfd.
     pub board: RawFd,
-    pub cpu: usize,
+    /// The CPUs it may run on (`[cpu]` when pinned).
+    pub mask: &'a [usize],
+    /// `set_mempolicy` before exec, when `numa` is not `local`.
+    pub mempolicy: Option<&'a super::numa::MemPolicy>,
     /// The master's own command line: the worker runs the same one, so that a program with
     /// its own command-line interface reaches the library's entry point unchanged, where
     /// [`WORKER_ENV`] turns it into a worker.
@@ -127,13 +131,13 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
     let mut staged: Vec<RawFd> = vec![-1; moves.len()];
     // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks the index.
     let mut cpuset: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if req.cpu >= libc::CPU_SETSIZE as usize {
-        return Err(std::io::Error::other(format!(
-            "CPU {} out of range",
-            req.cpu
-        )));
+    for &cpu in req.mask {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(std::io::Error::other(format!("CPU {cpu} out of range")));
+        }
+        unsafe { libc::CPU_SET(cpu, &mut cpuset) };
     }
-    unsafe { libc::CPU_SET(req.cpu, &mut cpuset) };
+    let mempolicy = req.mempolicy.cloned();
     let master_pid = std::process::id() as i32;
 
     let mut cmd = Command::new(req.exe.proc_path());
@@ -146,7 +150,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
         cmd.env_remove(k);
     }
     // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl,
-    // sched_setaffinity, prctl, getppid, kill) on data prepared before fork.
+    // sched_setaffinity, set_mempolicy, prctl, getppid, kill) on data prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
             // Two phases, so that no move clobbers a source still to be moved: first copy
@@ -165,6 +169,9 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
             }
             if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &cpuset) < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(m) = &mempolicy {
+                m.apply()?;
             }
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
