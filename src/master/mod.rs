@@ -955,12 +955,11 @@ impl Master {
             crash_on_boot: config.chaos_boot_crash,
             tls: config.tls.clone(),
         };
-        let tx = self.attach_channel(pid, spawned.channel)?;
+        let tx = self.attach_channel(pid, spawned.channel, &ToWorker::Setup(Box::new(setup)))?;
         let handoff = Arc::new(spawned.handoff);
         if config.accept == AcceptStrategy::RoundRobin {
             self.watch_handoff(pid, handoff.clone())?;
         }
-        let _ = tx.send(ToWorker::Setup(Box::new(setup)));
         let now = Instant::now();
         self.pool.workers.insert(
             pid,
@@ -1008,11 +1007,26 @@ impl Master {
 
     /// Wires a worker's channel into the loop: a reader task forwarding decoded messages,
     /// a writer task draining an unbounded queue (so the loop never waits on a worker).
+    ///
+    /// `first` (the boot message) is written before this returns, not queued: the writer
+    /// task runs only when the loop yields, and a reload of hundreds of workers spawns them
+    /// all in one turn, which on a loaded host outlasts the worker's wait for its setup. The
+    /// socket pair is new and empty, so the write fits its buffer; the timeout only bounds a
+    /// message larger than the buffer that a dead worker never reads.
     fn attach_channel(
         &self,
         pid: i32,
-        stream: std::os::unix::net::UnixStream,
+        mut stream: std::os::unix::net::UnixStream,
+        first: &ToWorker,
     ) -> std::io::Result<mpsc::UnboundedSender<ToWorker>> {
+        {
+            use std::io::Write;
+            use tokio_util::codec::Encoder;
+            let mut frame = bytes::BytesMut::new();
+            ipc::codec().encode(ipc::encode(first), &mut frame)?;
+            stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(&frame)?;
+        }
         stream.set_nonblocking(true)?;
         let stream = tokio::net::UnixStream::from_std(stream)?;
         let (mut sink, mut frames) = Framed::new(stream, ipc::codec()).split();
