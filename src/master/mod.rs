@@ -342,6 +342,7 @@ impl Master {
                 }
                 Wake::Control(req) => self.on_control(req),
             }
+            self.read_last_words().await;
             let now = Instant::now();
             self.reap(now);
             self.murder_hung(now);
@@ -563,6 +564,26 @@ impl Master {
     // ---- the steps of every turn ---------------------------------------------------------
 
     /// Collects every exited child and decides what its exit means.
+    /// A worker that leaves on its own (`Leaving`, e.g. at its request limit) may exit
+    /// before its message is read: `biased` takes the signal first, any other wake reaps
+    /// too, and a host that descheduled the master delivers everything at once. When a
+    /// child waits to be reaped, let the channel readers run once (`yield_now` resumes this
+    /// task only after the I/O driver has woken them) and take what they forwarded, so such
+    /// an exit is judged as the planned departure it is. One `waitid` per turn otherwise.
+    async fn read_last_words(&mut self) {
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        if !matches!(
+            nix::sys::wait::waitid(nix::sys::wait::Id::All, flags),
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..))
+        ) {
+            return;
+        }
+        tokio::task::yield_now().await;
+        while let Ok(ev) = self.channel_rx.try_recv() {
+            self.on_channel(ev);
+        }
+    }
+
     fn reap(&mut self, now: Instant) {
         loop {
             let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
