@@ -1033,7 +1033,9 @@ impl Master {
     /// task runs only when the loop yields, and a reload of hundreds of workers spawns them
     /// all in one turn, which on a loaded host outlasts the worker's wait for its setup. The
     /// socket pair is new and empty, so the write fits its buffer; the timeout only bounds a
-    /// message larger than the buffer that a dead worker never reads.
+    /// message larger than the buffer that a dead worker never reads. A failed write is not
+    /// a failed spawn: a worker that is already gone (a binary that exits at once) is judged
+    /// by its exit like any other, and one left without its setup gives up on its own.
     fn attach_channel(
         &self,
         pid: i32,
@@ -1046,7 +1048,9 @@ impl Master {
             let mut frame = bytes::BytesMut::new();
             ipc::codec().encode(ipc::encode(first), &mut frame)?;
             stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-            stream.write_all(&frame)?;
+            if let Err(e) = stream.write_all(&frame) {
+                tracing::debug!(pid, "boot message not delivered: {e}");
+            }
         }
         stream.set_nonblocking(true)?;
         let stream = tokio::net::UnixStream::from_std(stream)?;
