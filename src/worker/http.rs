@@ -183,7 +183,7 @@ impl Server {
             Some(t) => {
                 // Read once, here: from now on the key lives in this process's memory only.
                 let loaded = crate::tls::load(&t.cert, &t.key, crate::tls::now_unix())?;
-                let config = crate::tls::server_config(&loaded)?;
+                let config = crate::tls::server_config(&loaded, setup.tls_tickets.as_ref())?;
                 let on = setup.listeners.iter().map(|n| t.applies_to(n)).collect();
                 info!(
                     "TLS with certificate serial {} ({} day(s) left)",
