@@ -25,20 +25,23 @@ plot in using "t":"p50_ms" with linespoints pt 7 ps 0.5 title "p50", '' using "t
 set title "Requests/s per worker (fairness)"
 plot in using "t":"w0_rps" with lines lw 2 title "worker 0", '' using "t":"w1_rps" with lines lw 2 title "worker 1"
 set title "Open connections, by protocol and by worker"
-plot in using "t":"http1" with steps lw 2 title "http1", '' using "t":"http2" with steps title "http2", '' using "t":"upgraded" with steps title "upgraded", \
-     '' using "t":"w0_conns" with steps dt 2 lw 2 title "worker 0", '' using "t":"w1_conns" with steps dt 2 lw 2 title "worker 1"
+plot in using "t":"http1" with steps lw 2 lc rgb "black" title "http1", '' using "t":"http2" with steps lc rgb "#56b4e9" title "http2", \
+     '' using "t":"upgraded" with steps lc rgb "#e69f00" title "upgraded", \
+     '' using "t":"w0_conns" with steps dt 2 lw 2 lc rgb "#9400d3" title "worker 0", '' using "t":"w1_conns" with steps dt 2 lw 2 lc rgb "#009e73" title "worker 1"
 set title "Worker restarts by cause (increase since start)"
 set yrange [0:*]
 plot in using "t":"crash" with steps lw 2 title "crash", '' using "t":"hang" with steps title "hang", '' using "t":"panic" with steps lw 2 title "panic", \
      '' using "t":"memory" with steps title "memory", '' using "t":"requests" with steps title "requests", '' using "t":"reload" with steps lw 2 title "reload", \
      '' using "t":"scale" with steps title "scale"
 set title "Reloads (increase) and mean duration"
+set key bottom right
 set y2tics
 set y2range [0:*]
 set ytics nomirror
 plot in using "t":"reloads_ok" with steps lw 2 title "ok", '' using "t":"reloads_failed" with steps title "failed", '' using "t":"reload_mean_ms" axes x1y2 with lines dt 3 title "mean duration, ms (right)"
 unset y2tics
 set ytics mirror
+set key top left
 set title "CPU per worker (CPU seconds / s)"
 plot in using "t":"w0_cpu" with lines lw 2 title "worker 0", '' using "t":"w1_cpu" with lines lw 2 title "worker 1"
 set title "PSS per worker (MiB)"
