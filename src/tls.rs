@@ -149,7 +149,7 @@ pub fn load(cert_path: &Path, key_path: &Path, now_unix: i64) -> Result<Loaded, 
 /// tickets sealed with the generation's key when there is one.
 pub fn server_config(
     loaded: &Loaded,
-    tickets: Option<&TicketKey>,
+    tickets: Option<TicketKey>,
 ) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
@@ -161,7 +161,7 @@ pub fn server_config(
         )));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     if let Some(key) = tickets {
-        cfg.ticketer = Arc::new(Ticketer::new(key.clone()));
+        cfg.ticketer = Arc::new(Ticketer::new(key));
     }
     Ok(Arc::new(cfg))
 }
