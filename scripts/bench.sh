@@ -38,6 +38,7 @@ KEEP_TMP=0
 H2=0
 ACCESS_LOG=0
 TLS_BENCH=0
+METRICS_COST=0
 H2_CONNS=16
 H2_STREAMS=16
 BASELINE_REV=""
@@ -76,9 +77,15 @@ Options:
                        --runs runs each; medians of req/s and CPU us/req, ratio current/baseline
                        against the issue's bound (neither may be more than 3 % worse)
   --tls                also TLS against nginx (OpenSSL) with the same certificate: keep-alive
-                       req/s and new handshakes/s (scripts/bench/tls-bench.sh)
+                       req/s, new full handshakes/s, and new connections/s with session
+                       resumption, TLS 1.3 and 1.2 (scripts/bench/tls-bench.sh)
   --access-log         also measure the access log's cost: the app with [http] access_log off
                        and on, alternating (scripts/bench/access-log-cost.sh)
+  --metrics            also measure the metrics' cost (scripts/bench/metrics-cost.sh: no endpoint,
+                       endpoint, endpoint scraped 10/s, and a copy built with counting bypassed,
+                       alternating; CPU per scrape; callgrind instructions per request) and draw
+                       the dashboard's panels from a run with a reload and a kill
+                       (scripts/bench/metrics-dashboard.sh -> target/bench/metrics.png)
   --runs N             runs per server for --h2 and --baseline-rev (default 3)
   --pair-conns N       wrk connections for --baseline-rev (default 64)
   --reload             during a load run, SIGHUP the master every second (nginx: SIGHUP,
@@ -126,6 +133,7 @@ while [ $# -gt 0 ]; do
     --h2) H2=1 ;;
     --access-log) ACCESS_LOG=1 ;;
     --tls) TLS_BENCH=1 ;;
+    --metrics) METRICS_COST=1 ;;
     --h2-conns) H2_CONNS=$2; shift ;;
     --h2-streams) H2_STREAMS=$2; shift ;;
     --baseline-rev) BASELINE_REV=$2; shift ;;
@@ -1027,6 +1035,12 @@ log "results: $REPORT (table: $OUT/results.txt)${JSON_OUT:+, copied to $JSON_OUT
 if [ "$ACCESS_LOG" = 1 ]; then
     log "access log cost (scripts/bench/access-log-cost.sh)"
     "$HERE/access-log-cost.sh" "$APP_BIN" "$DURATION" "$PAIR_RUNS" | tee -a "$OUT/results.txt"
+fi
+if [ "$METRICS_COST" = 1 ]; then
+    log "metrics cost (scripts/bench/metrics-cost.sh)"
+    OUT=$OUT BYPASS_BUILD=1 "$HERE/metrics-cost.sh" "$APP_BIN" "$DURATION" "$PAIR_RUNS" | tee -a "$OUT/results.txt"
+    log "metrics dashboard (scripts/bench/metrics-dashboard.sh)"
+    "$HERE/metrics-dashboard.sh" "$APP_BIN" "$OUT/metrics.png"
 fi
 if [ "$TLS_BENCH" = 1 ]; then
     log "TLS against nginx (scripts/bench/tls-bench.sh)"

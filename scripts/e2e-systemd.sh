@@ -15,8 +15,8 @@
 #   APP_BIN=PATH       binary to test (default: cargo build --release, then
 #                      target/release/app; E2E_BUILD=0 skips the build if it exists)
 #   E2E_CHECKS="..."   run only these checks (names: analyze activation sandboxing
-#                      journal reload reload-broken kill-worker access-log tls watchdog restart stop
-#                      docs deb)
+#                      journal reload reload-broken kill-worker access-log tls metrics watchdog
+#                      restart stop docs deb)
 #   APP_DEB=PATH       .deb for the deb check (default: scripts/package.sh --no-build
 #                      on the host before the sandbox starts)
 #   E2E_ACCEPT=round-robin  run with this accept strategy (default: app.toml's)
@@ -41,7 +41,7 @@ STATE_PREFIX=app-e2e.
 LIFETIME=${E2E_LIFETIME:-900}
 LOAD_RATE=${E2E_LOAD_RATE:-100}
 VERBOSE=${E2E_VERBOSE:-0}
-ALL_CHECKS="analyze activation sandboxing journal reload reload-broken kill-worker access-log tls watchdog restart stop docs deb"
+ALL_CHECKS="analyze activation sandboxing journal reload reload-broken kill-worker access-log tls metrics watchdog restart stop docs deb"
 CHECKS=${E2E_CHECKS:-$ALL_CHECKS}
 IN_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 STAGE=/var/tmp/app-e2e    # inside the container: units, install.sh, binary
@@ -750,6 +750,58 @@ check_access_log() {  # [http] access_log: one journal entry per request, HTTP_*
     case "$fields" in *HTTP_METHOD=GET*HTTP_STATUS=404*WORKER_ID=*) ;; *) fail "access entry lacks fields: $fields" ;; esac
 }
 
+check_metrics() {  # the shipped app-metrics.socket: the pool's series, counters rising, not on app.socket
+    local murl=http://127.0.0.1:9090/metrics before after ctype main i r b_total b_target b_workers b_missing a_total
+    # Python's OpenMetrics parser (python3-prometheus-client, present in the host's /): the
+    # scrape on stdin, one line out: requests total, target, worker series, missing families.
+    cat > "$ROOT$STAGE/parse-metrics.py" <<'PY'
+import sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+want = ["app_http_requests", "app_http_request_duration_seconds", "app_http_connections_open",
+        "app_worker_requests", "app_worker_accepted_connections", "app_worker_cpu_seconds",
+        "app_worker_pss_bytes", "app_worker_heartbeat_rtt_seconds", "app_worker_restarts",
+        "app_reloads", "app_generation", "app_workers_target", "app_restart_budget_used",
+        "process_start_time_seconds"]
+fams = {f.name: f for f in text_string_to_metric_families(sys.stdin.read())}
+missing = [w for w in want if w not in fams]
+if missing:
+    print(0, 0, 0, ",".join(missing))
+    sys.exit()
+total = sum(s.value for s in fams["app_http_requests"].samples if s.name == "app_http_requests_total")
+workers = {s.labels["worker"] for s in fams["app_worker_requests"].samples}
+target = fams["app_workers_target"].samples[0].value
+print(int(total), int(target), len(workers), "-")
+PY
+    scrape() { IN sh -c "curl -sS --max-time 10 $murl | /usr/bin/python3 $STAGE/parse-metrics.py" 2>&1; }
+    # As a user starts it (also when this check runs alone): app.service wants the metrics
+    # socket, and the first connection on app.socket starts the service.
+    IN systemctl start app.socket
+    serving() { case "$(http /)" in *" 200") return 0 ;; esac; return 1; }
+    wait_for 15 serving || fail "app.socket does not serve: $(http /)" || return 1
+    [ "$(prop app-metrics.socket ActiveState)" = active ] || fail "app-metrics.socket is $(prop app-metrics.socket ActiveState)" || return 1
+    ctype=$(IN curl -sS --max-time 10 -o /dev/null -w '%{http_code} %{content_type}' "$murl" 2>&1)
+    before=$(scrape)
+    note "curl $murl: $ctype; parsed: $before (requests, target, worker series, missing)"
+    case "$ctype" in "200 application/openmetrics-text"*) ;; *) fail "scrape answered $ctype" || return 1 ;; esac
+    read -r b_total b_target b_workers b_missing <<<"$before"
+    [ "$b_missing" = - ] || fail "missing families: $b_missing (parsed: $before)" || return 1
+    [ "${b_workers:-0}" -ge "${b_target:-1}" ] && [ "${b_target:-0}" -ge 1 ] || fail "worker series $b_workers for a target of $b_target" || return 1
+    for i in $(seq 20); do r=$(http /); case "$r" in *" 200") ;; *) fail "request $i on app.socket -> $r" || return 1 ;; esac; done
+    after=$(scrape)
+    read -r a_total _ _ _ <<<"$after"
+    note "after 20 requests on app.socket: requests_total $b_total -> $a_total"
+    # Nothing else is loading the service between the two scrapes, and scrapes do not count.
+    [ "$((a_total - b_total))" = 20 ] || fail "requests_total rose by $((a_total - b_total)), expected 20" || return 1
+    # app.socket serves the service (the demo's 404 for an unknown path), never the metrics.
+    r=$(IN curl -sS --max-time 10 -w ' %{http_code}' "$URL/metrics" 2>&1)
+    note "curl $URL/metrics (app.socket): ${r//$'\n'/ }"
+    case "$r" in *app_http_requests*) fail "app.socket serves the metrics" || return 1 ;; esac
+    case "$r" in *" 404") ;; *) fail "app.socket /metrics -> $r, expected the service's 404" || return 1 ;; esac
+    # The master binds nothing of its own: the metrics socket is systemd's, passed in.
+    main=$(prop app.service MainPID)
+    note "app-metrics.socket listening: $(IN ss -Hltn 'sport = :9090' | awk '{print $4}' | paste -sd ' ' -); LISTEN_FDNAMES of the master: $(IN sh -c "tr '\0' '\n' < /proc/$main/environ" | sed -n 's/^LISTEN_FDNAMES=//p')"
+}
+
 check_watchdog() {  # SIGSTOP the master: watchdog kill + Restart=; clients wait
     local main0 main1 nr0 cur t0 ms codes ok bad j
     main0=$(prop app.service MainPID); nr0=$(prop app.service NRestarts)
@@ -984,6 +1036,7 @@ run_all() {
     run_check kill-worker   "SIGKILL a worker: replaced, in the journal, WORKER_ID= shows why"   check_kill_worker
     run_check access-log    "access_log = true: HTTP_STATUS=404 finds the request, with fields"   check_access_log
     run_check tls           "[tls] from LoadCredential= under DynamicUser: https, key private, rotation" check_tls
+    run_check metrics       "app-metrics.socket: the pool's series parse, counters rise, not on app.socket" check_metrics
     run_check watchdog      "SIGSTOP master: watchdog kills, Restart= restarts, clients answered" check_watchdog
     run_check restart       "systemctl restart under load: nothing refused or reset"             check_restart
     run_check stop          "systemctl stop during a slow request: request completes"            check_stop

@@ -45,6 +45,10 @@ pub struct WorkerSetup {
     /// TLS for the sockets it names; the worker reads the pair itself, once.
     #[serde(default)]
     pub tls: Option<crate::tls::TlsSettings>,
+    /// The generation's session-ticket key, shared by its workers so that a session begun
+    /// on one resumes on any.
+    #[serde(default)]
+    pub tls_tickets: Option<crate::tls::TicketKey>,
 }
 
 /// Master → worker.

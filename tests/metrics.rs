@@ -409,3 +409,46 @@ fn the_services_own_metrics_appear_summed_across_workers() {
     let s = scrape(mport);
     assert_eq!(one(&s, "demo_counted_total{}") - before, 110.0);
 }
+
+#[test]
+fn every_series_the_shipped_dashboard_queries_is_on_the_endpoint() {
+    require_parser();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/grafana-dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            // Metric names are the identifiers with our prefixes; PromQL functions and
+            // label names have none.
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("app_") || word.starts_with("process_") {
+                    queried.insert(word.to_string());
+                }
+            }
+        }
+    }
+    assert!(queried.len() >= 15, "{queried:?}");
+    let (srv, mport) = start(&["--workers", "2"]);
+    wait_full(&srv);
+    get(srv.port, "/").unwrap();
+    let samples = scrape(mport);
+    let names: std::collections::BTreeSet<&str> = samples
+        .keys()
+        .map(|k| k.split('{').next().unwrap())
+        .collect();
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|q| !names.contains(q.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries series the endpoint does not have: {missing:?}; it has {names:?}"
+    );
+}

@@ -1,6 +1,6 @@
-//! TLS: handshakes with TLS 1.2 and 1.3 clients, ALPN, certificates rotated by a reload with
-//! no failed request, bad pairs refused while the old certificate keeps serving, and plain
-//! and TLS sockets side by side. Certificates are made by the test (rcgen), signed by a CA
+//! TLS: handshakes with TLS 1.2 and 1.3 clients, ALPN, sessions resumed on another worker
+//! process, certificates rotated by a reload with no failed request, bad pairs refused while
+//! the old certificate keeps serving, and plain and TLS sockets side by side. Certificates are made by the test (rcgen), signed by a CA
 //! the clients trust.
 
 mod common;
@@ -211,6 +211,60 @@ fn tls12_and_tls13_handshakes_with_alpn() {
     let mut buf = Vec::new();
     let _ = plain.read_to_end(&mut buf);
     assert!(!buf.starts_with(b"HTTP/1.1 200"));
+}
+
+/// One request on a fresh connection with `cfg`'s session cache: whether the handshake
+/// resumed, and the status code. The response is read to its end, so the session tickets
+/// that arrive after the handshake are in the cache for the next connection.
+fn resumed_get(port: u16, cfg: Arc<ClientConfig>) -> (bool, u16) {
+    let mut s = connect(port, cfg).unwrap();
+    let resumed = s.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (resumed, code)
+}
+
+#[test]
+fn sessions_resume_on_another_worker_process_with_tls12_and_tls13() {
+    let ca = ca();
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), &leaf(&ca, 1001, false));
+    let toml = format!(
+        "workers = 1\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        dir.path().join("tls.crt").display(),
+        dir.path().join("tls.key").display()
+    );
+    let srv = start(dir, &toml);
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let mut cfg = (*client_config(&ca, &[version], &[b"http/1.1"])).clone();
+        cfg.resumption = rustls::client::Resumption::in_memory_sessions(64);
+        let cfg = Arc::new(cfg);
+        assert_eq!(resumed_get(srv.port, cfg.clone()), (false, 200));
+        // The worker that began the session is gone: its replacement holds no cache of it,
+        // only the generation's ticket key.
+        let (_, pid, ..) = srv.workers()[0].clone();
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(
+            srv.wait_replaced_all(pid, 1, Duration::from_secs(10)),
+            "{}",
+            srv.log_text()
+        );
+        assert_eq!(
+            resumed_get(srv.port, cfg.clone()),
+            (true, 200),
+            "{version:?}: a session from the killed worker did not resume"
+        );
+    }
 }
 
 #[test]

@@ -151,6 +151,8 @@ pub struct Master {
     reload_queue: Option<Vec<tokio::sync::oneshot::Sender<Reply>>>,
     /// Highest generation number ever started, so a failed reload's number is not reused.
     last_generation: u64,
+    /// The TLS session-ticket key of each generation with workers (see [`crate::tls`]).
+    ticket_keys: std::collections::BTreeMap<u64, crate::tls::TicketKey>,
     last_reload: Option<control::ReloadReport>,
     channel_tx: mpsc::UnboundedSender<ChannelEvent>,
     channel_rx: mpsc::UnboundedReceiver<ChannelEvent>,
@@ -251,6 +253,7 @@ impl Master {
             phase: Phase::Booting,
             reload_queue: None,
             last_generation: 1,
+            ticket_keys: std::collections::BTreeMap::new(),
             last_reload: None,
             channel_tx,
             channel_rx,
@@ -329,7 +332,8 @@ impl Master {
             // Before anything is judged on this turn: did the loop itself stall?
             self.check_stall(Instant::now());
             match wake {
-                Wake::Child | Wake::Tick => {}
+                Wake::Child => {}
+                Wake::Tick => self.ratchet_ticket_keys(),
                 Wake::Stop(why, fast) => self.stop(why, fast),
                 Wake::Reload => self.request_reload(None),
                 Wake::Scale(d) => self.scale(d),
@@ -913,6 +917,37 @@ impl Master {
         }
     }
 
+    /// The generation's ticket key, made on its first worker; keys of generations without
+    /// workers are dropped then. `None` (resumption on one worker only) if the host has no
+    /// randomness to give.
+    fn ticket_key(&mut self, generation: u64) -> Option<crate::tls::TicketKey> {
+        if !self.ticket_keys.contains_key(&generation) {
+            let alive: std::collections::BTreeSet<u64> =
+                self.pool.workers.values().map(|w| w.generation).collect();
+            self.ticket_keys.retain(|g, _| alive.contains(g));
+            match crate::tls::TicketKey::generate() {
+                Ok(k) => {
+                    self.ticket_keys.insert(generation, k);
+                }
+                Err(e) => {
+                    warn!("{e}: TLS sessions resume only on the worker that began them");
+                    return None;
+                }
+            }
+        }
+        let key = self.ticket_keys.get_mut(&generation)?;
+        key.forget_before_last_period();
+        Some(key.clone())
+    }
+
+    /// Keeps the master's copies of the ticket keys no older than its workers' (a key held
+    /// here unchanged for days would open every ticket issued since).
+    fn ratchet_ticket_keys(&mut self) {
+        for key in self.ticket_keys.values_mut() {
+            key.forget_before_last_period();
+        }
+    }
+
     /// Starts one worker; `with` is the (config, executable) of a generation being rolled
     /// out, `None` for the serving one.
     fn spawn_worker(
@@ -921,6 +956,12 @@ impl Master {
         generation: u64,
         with: Option<(&Config, &Executable)>,
     ) -> std::io::Result<i32> {
+        let tls_on = with.map_or(self.config.tls.is_some(), |(c, _)| c.tls.is_some());
+        let tls_tickets = if tls_on {
+            self.ticket_key(generation)
+        } else {
+            None
+        };
         let (config, exe) = with.unwrap_or((&self.config, &self.exe));
         // A reload may start more workers than the serving pool has slots.
         let cpu = self
@@ -975,6 +1016,7 @@ impl Master {
             drain_timeout_ms: config.drain_timeout.as_millis() as u64,
             crash_on_boot: config.chaos_boot_crash,
             tls: config.tls.clone(),
+            tls_tickets,
         };
         let tx = self.attach_channel(pid, spawned.channel, &ToWorker::Setup(Box::new(setup)))?;
         let handoff = Arc::new(spawned.handoff);

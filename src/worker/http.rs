@@ -136,7 +136,12 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(setup: &WorkerSetup, routes: Routes, stats: Rc<Stats>) -> Result<Server, String> {
+    pub fn new(
+        setup: &WorkerSetup,
+        tls_tickets: Option<crate::tls::TicketKey>,
+        routes: Routes,
+        stats: Rc<Stats>,
+    ) -> Result<Server, String> {
         let mut routes = routes;
         let builtin_metrics = setup.listeners.iter().any(|l| l == METRICS_SOCKET)
             && !routes.named.contains_key(METRICS_SOCKET);
@@ -183,7 +188,7 @@ impl Server {
             Some(t) => {
                 // Read once, here: from now on the key lives in this process's memory only.
                 let loaded = crate::tls::load(&t.cert, &t.key, crate::tls::now_unix())?;
-                let config = crate::tls::server_config(&loaded)?;
+                let config = crate::tls::server_config(&loaded, tls_tickets)?;
                 let on = setup.listeners.iter().map(|n| t.applies_to(n)).collect();
                 info!(
                     "TLS with certificate serial {} ({} day(s) left)",

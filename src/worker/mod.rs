@@ -96,7 +96,8 @@ async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
     };
     let (mut to_master, mut from_master) = Framed::new(channel, ipc::codec()).split();
 
-    let setup: WorkerSetup = match tokio::time::timeout(SETUP_TIMEOUT, from_master.next()).await {
+    let mut setup: WorkerSetup = match tokio::time::timeout(SETUP_TIMEOUT, from_master.next()).await
+    {
         Ok(Some(Ok(frame))) => match ipc::decode::<ToWorker>(&frame) {
             Ok(ToWorker::Setup(s)) => *s,
             _ => {
@@ -109,6 +110,9 @@ async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
             return crate::exit::SOFTWARE;
         }
     };
+    // The ticket key lives on in the TLS configuration only, which ratchets it forward; a copy
+    // left in the setup would keep the boot-time secret for the worker's whole life.
+    let tls_tickets = setup.tls_tickets.take();
     let setup = Rc::new(setup);
     set_process_name(setup.slot);
     // The access log is asked for explicitly: a quieter `log_level` must not hide it.
@@ -167,7 +171,7 @@ async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
             return crate::exit::SOFTWARE;
         }
     };
-    let server = match http::Server::new(&setup, routes, stats.clone()) {
+    let server = match http::Server::new(&setup, tls_tickets, routes, stats.clone()) {
         Ok(s) => Rc::new(s),
         Err(e) => {
             error!("{e}");
