@@ -344,7 +344,7 @@ where
         let svc = svc.clone();
         async move {
             let resp = svc.oneshot(req).await.map_err(Into::into)?;
-            Ok(resp.map(crate::worker::routes::boxed))
+            Ok(resp.map(crate::worker::routes::ResponseBody::new))
         }
         .boxed_local()
     })

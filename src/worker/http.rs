@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, RETRY_AFTER};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -46,7 +46,7 @@ use super::chaos;
 use super::raw::Connection;
 use super::routes::{BoxHttp, Handler, ResponseBody, Routes};
 use super::stats::{BodyBudget, ConnGuard, Stats};
-use super::timeouts::{ConnClock, Expired, Watched};
+use super::timeouts::{ConnClock, Expired, Watched, now_ns};
 use crate::config::HttpLimits;
 use crate::handoff::{self, Received};
 use crate::ipc::WorkerSetup;
@@ -56,6 +56,9 @@ use crate::shutdown::{Shutdown, Stage};
 /// How long a busier-than-its-peers worker waits before accepting (shared strategy): about
 /// the time an idle peer needs to wake from epoll and call accept.
 const ACCEPT_YIELD: Duration = Duration::from_micros(50);
+
+/// Parsed once: a header name given as a string is validated and lowered on every insert.
+const X_WORKER: HeaderName = HeaderName::from_static("x-worker");
 
 /// The socket name (`FileDescriptorName=metrics`, or `--metrics ADDR`) the pool's metrics
 /// endpoint is served on, unless the program registers its own handler for it.
@@ -74,7 +77,7 @@ fn metrics_handler() -> Handler {
                     "metrics page unavailable\n",
                 ));
             };
-            let mut r = Response::new(super::routes::boxed(Full::new(Bytes::from(text))));
+            let mut r = Response::new(ResponseBody::new(Full::new(Bytes::from(text))));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
@@ -254,7 +257,7 @@ impl Server {
             }
         };
         resp.headers_mut()
-            .insert("x-worker", self.worker_header.clone());
+            .insert(X_WORKER, self.worker_header.clone());
         if draining && version < Version::HTTP_2 {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -351,7 +354,7 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> &'static str {
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
-    let mut r = Response::new(super::routes::boxed(Full::new(Bytes::from_static(
+    let mut r = Response::new(ResponseBody::new(Full::new(Bytes::from_static(
         body.as_bytes(),
     ))));
     *r.status_mut() = status;
@@ -463,8 +466,14 @@ fn spawn_conn(
         let _permit = permit;
         match handler {
             Handler::Http(svc) => match server.tls_acceptor(index) {
+                // Boxed: a TLS connection's state (rustls's) is several kilobytes, and the
+                // task's future is as large as its largest branch, so every plain
+                // connection would pay for copying it (three times as the task is spawned).
                 Some(acceptor) => {
-                    serve_tls(conn, acceptor, svc, server, shutdown, counted, measured).await
+                    Box::pin(serve_tls(
+                        conn, acceptor, svc, server, shutdown, counted, measured,
+                    ))
+                    .await
                 }
                 None => serve_http(conn, None, svc, server, shutdown, counted, measured).await,
             },
@@ -600,12 +609,13 @@ struct Access {
     path: String,
     status: u16,
     bytes: u64,
-    started: std::time::Instant,
+    /// A [`now_ns`] reading.
+    started: u64,
 }
 
 impl Access {
-    fn log(&self) {
-        let took = self.started.elapsed();
+    fn log(&self, now: u64) {
+        let took = Duration::from_nanos(now.saturating_sub(self.started));
         // Fields become journald fields (HTTP_STATUS=500 filters), named apart from
         // journald's own; the text is what plain `journalctl` and a terminal show.
         info!(
@@ -639,7 +649,8 @@ struct Tracked {
 struct Meter {
     method: u8,
     status: u16,
-    started: std::time::Instant,
+    /// A [`now_ns`] reading.
+    started: u64,
     bytes: u64,
 }
 
@@ -678,12 +689,19 @@ impl http_body::Body for Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.clock.request_finished();
+        // One clock reading for the idle clock, the metrics and the log.
+        let now = now_ns();
+        self.clock.request_finished(now);
         if let Some(a) = &self.access {
-            a.log();
+            a.log(now);
         }
         if let Some(m) = &self.meter {
-            crate::metrics::request_done(m.method, m.status, m.bytes, m.started.elapsed());
+            crate::metrics::request_done(
+                m.method,
+                m.status,
+                m.bytes,
+                now.saturating_sub(m.started),
+            );
         }
     }
 }
@@ -717,19 +735,21 @@ async fn serve_http<IO>(
         let shutdown = shutdown.clone();
         service_fn(move |req: Request<Incoming>| {
             clock.request_started();
-            let access = server.sample_access().then(|| {
+            let logged = server.sample_access();
+            let started = if measured || logged { now_ns() } else { 0 };
+            let access = logged.then(|| {
                 Box::new(Access {
                     method: req.method().clone(),
                     path: req.uri().path().to_string(),
                     status: 0,
                     bytes: 0,
-                    started: std::time::Instant::now(),
+                    started,
                 })
             });
             let meter = measured.then(|| Meter {
                 method: crate::metrics::method_code(req.method()),
                 status: 0,
-                started: std::time::Instant::now(),
+                started,
                 bytes: 0,
             });
             let fut = server
@@ -777,14 +797,18 @@ async fn serve_http<IO>(
             crate::metrics::Proto::Http1
         })
     });
+    // hyper's connection state is boxed: kept inline, it would make this future (and the
+    // connection task holding it) kilobytes large, copied whole whenever the task is moved.
     let result = if h2 {
-        let conn = server.h2.serve_connection(TokioIo::new(io), service);
+        let conn = Box::pin(server.h2.serve_connection(TokioIo::new(io), service));
         drive(conn, &clock, &server, &mut shutdown, Stage::Draining).await
     } else {
-        let conn = server
-            .h1
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
+        let conn = Box::pin(
+            server
+                .h1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
         drive(conn, &clock, &server, &mut shutdown, Stage::CloseIdle).await
     };
     if let Err(e) = result {
@@ -858,14 +882,13 @@ where
 /// graceful shutdown when the drain reaches `close_at` or the connection idles out, a hard
 /// close when the head or a send stalls past its timeout.
 async fn drive<C: Graceful>(
-    conn: C,
+    mut conn: std::pin::Pin<Box<C>>,
     clock: &ConnClock,
     server: &Server,
     shutdown: &mut Shutdown,
     close_at: Stage,
 ) -> hyper::Result<()> {
     let limits = &server.limits;
-    let mut conn = std::pin::pin!(conn);
     let mut closing = false;
     loop {
         tokio::select! {
