@@ -31,8 +31,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, RETRY_AFTER};
+use http::header::{CONNECTION, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -101,6 +102,19 @@ pub fn take_listeners(names: &[String]) -> Result<Vec<AsyncListener>, String> {
         out.push(l);
     }
     Ok(out)
+}
+
+/// A request once [`Server::start`] is done with it.
+enum Started {
+    /// The worker answered it itself (413, 503, a panic in `call`).
+    Answered(Response<ResponseBody>),
+    /// The service's future.
+    Running(
+        futures_util::future::LocalBoxFuture<
+            'static,
+            Result<Response<ResponseBody>, crate::server::BoxError>,
+        >,
+    ),
 }
 
 /// Runs hyper's connection tasks (HTTP/2 streams) on this thread, so they may be `!Send`.
@@ -214,47 +228,70 @@ impl Server {
         })
     }
 
-    /// One request: limits, the service (or a chaos route), panic containment, headers.
-    async fn handle(
-        self: Rc<Self>,
-        svc: BoxHttp,
-        req: Request<Incoming>,
-        draining: bool,
-        measured: bool,
-    ) -> Response<ResponseBody> {
+    /// Starts one request: counts it, applies the body limits, and calls the service (or a
+    /// chaos route) at once. Only the service's future is left to await, so the future
+    /// hyper keeps per request is small ([`Server::finish`] completes it); moving a large
+    /// one costs a copy of all of it at every layer.
+    fn start(&self, svc: &BoxHttp, req: Request<Incoming>, measured: bool) -> Started {
         if measured {
             self.stats.request_started();
         }
-        let version = req.version();
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let mut resp = if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
-            closing(plain(
+        let (parts, body) = req.into_parts();
+        // hyper's own reading of the framing: `Content-Length` when that decides the length
+        // (not when chunked encoding overrides it), zero for no body.
+        let declared = body.size_hint().exact();
+        if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
+            return Started::Answered(closing(plain(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body too large\n",
-            ))
-        } else {
-            let (parts, body) = req.into_parts();
-            match RequestBody::new(
-                body,
-                &self.limits,
-                self.budget.clone(),
-                declared.unwrap_or(0),
-            ) {
-                Err(_) => {
-                    let mut r = closing(plain(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "too many request bodies in flight\n",
-                    ));
-                    r.headers_mut()
-                        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-                    r
-                }
-                Ok(body) => self.call(svc, Request::from_parts(parts, body)).await,
+            )));
+        }
+        match RequestBody::new(
+            body,
+            &self.limits,
+            self.budget.clone(),
+            declared.unwrap_or(0),
+        ) {
+            Err(_) => {
+                let mut r = closing(plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many request bodies in flight\n",
+                ));
+                r.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                Started::Answered(r)
             }
+            Ok(body) => {
+                let req = Request::from_parts(parts, body);
+                // A service may panic in `call` itself, before it returns its future.
+                match std::panic::catch_unwind(AssertUnwindSafe(|| svc(req))) {
+                    Ok(fut) => Started::Running(fut),
+                    Err(panic) => Started::Answered(self.panicked(panic)),
+                }
+            }
+        }
+    }
+
+    /// The response of a started request, with its headers: panics and errors become 500s.
+    async fn finish(
+        &self,
+        started: Started,
+        version: Version,
+        draining: bool,
+    ) -> Response<ResponseBody> {
+        let mut resp = match started {
+            Started::Answered(r) => r,
+            Started::Running(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    warn!("the service returned an error: {e}");
+                    closing(plain(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal server error\n",
+                    ))
+                }
+                Err(panic) => self.panicked(panic),
+            },
         };
         resp.headers_mut()
             .insert(X_WORKER, self.worker_header.clone());
@@ -265,31 +302,20 @@ impl Server {
         resp
     }
 
-    async fn call(&self, svc: BoxHttp, req: Request<RequestBody>) -> Response<ResponseBody> {
-        match AssertUnwindSafe(svc(req)).catch_unwind().await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                warn!("the service returned an error: {e}");
-                closing(plain(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal server error\n",
-                ))
-            }
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                error!("request handler panicked: {what}; this worker will drain and be replaced");
-                self.stats
-                    .leave(format!("request handler panicked: {what}"), false);
-                closing(plain(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal server error\n",
-                ))
-            }
-        }
+    /// A handler panicked: the worker leaves (and is replaced), the client gets a 500.
+    fn panicked(&self, panic: Box<dyn std::any::Any + Send>) -> Response<ResponseBody> {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        error!("request handler panicked: {what}; this worker will drain and be replaced");
+        self.stats
+            .leave(format!("request handler panicked: {what}"), false);
+        closing(plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal server error\n",
+        ))
     }
 
     /// Logs a connection-level error (garbage, a protocol the client got wrong) once per
@@ -752,12 +778,13 @@ async fn serve_http<IO>(
                 started,
                 bytes: 0,
             });
-            let fut = server
-                .clone()
-                .handle(svc.clone(), req, shutdown.is_draining(), measured);
+            let version = req.version();
+            let started_req = server.start(&svc, req, measured);
+            let draining = shutdown.is_draining();
+            let server = server.clone();
             let clock = clock.clone();
             async move {
-                let resp = fut.await;
+                let resp = server.finish(started_req, version, draining).await;
                 let mut access = access;
                 let status = resp.status().as_u16();
                 if let Some(a) = &mut access {
