@@ -424,9 +424,14 @@ pub async fn accept_loop(
                 );
             }
         }
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.reached(Stage::Draining) => return,
+        // Waiting (a waiter registered on the drain's channel and the semaphore) only at
+        // the cap: below it, per accepted connection, that costs more than the accept.
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = shutdown.reached(Stage::Draining) => return,
+            },
         };
         if server.stats.should_yield_accept() {
             // Give a less busy worker, woken by the same connection, time to take it: a
@@ -809,12 +814,19 @@ async fn serve_http<IO>(
         })
     };
     let mut io = Watched::new(io, clock.clone(), counted);
+    // One timer for the connection's life (first bytes, then every deadline), reset when it
+    // fires: a timer registered and dropped per wait costs more than the request itself.
+    let timer = tokio::time::sleep_until(clock.next_check());
+    tokio::pin!(timer);
     let h2 = match alpn_h2 {
         Some(h2) => h2,
-        None => match tokio::time::timeout_at(clock.next_check(), io.sniff_h2()).await {
-            Ok(Ok(h2)) => h2,
-            // Silent past the head timeout, or gone: nothing to answer.
-            Ok(Err(_)) | Err(_) => return,
+        None => tokio::select! {
+            r = io.sniff_h2() => match r {
+                Ok(h2) => h2,
+                Err(_) => return,
+            },
+            // Silent past the head timeout: nothing to answer.
+            _ = timer.as_mut() => return,
         },
     };
     let _open = measured.then(|| {
@@ -828,7 +840,7 @@ async fn serve_http<IO>(
     // connection task holding it) kilobytes large, copied whole whenever the task is moved.
     let result = if h2 {
         let conn = Box::pin(server.h2.serve_connection(TokioIo::new(io), service));
-        drive(conn, &clock, &server, &mut shutdown, Stage::Draining).await
+        drive(conn, &clock, timer, &server, &mut shutdown, Stage::Draining).await
     } else {
         let conn = Box::pin(
             server
@@ -836,7 +848,15 @@ async fn serve_http<IO>(
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades(),
         );
-        drive(conn, &clock, &server, &mut shutdown, Stage::CloseIdle).await
+        drive(
+            conn,
+            &clock,
+            timer,
+            &server,
+            &mut shutdown,
+            Stage::CloseIdle,
+        )
+        .await
     };
     if let Err(e) = result {
         server.log_conn_error(&e);
@@ -911,6 +931,7 @@ where
 async fn drive<C: Graceful>(
     mut conn: std::pin::Pin<Box<C>>,
     clock: &ConnClock,
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
     server: &Server,
     shutdown: &mut Shutdown,
     close_at: Stage,
@@ -924,21 +945,24 @@ async fn drive<C: Graceful>(
                 closing = true;
                 conn.as_mut().graceful();
             }
-            _ = tokio::time::sleep_until(clock.next_check()) => match clock.expired() {
-                Some(Expired::Head) if close_at == Stage::CloseIdle => {
-                    debug!("client sent no complete request head within {:?}: closing", limits.header_read_timeout);
-                    return Ok(());
+            _ = timer.as_mut() => {
+                match clock.expired() {
+                    Some(Expired::Head) if close_at == Stage::CloseIdle => {
+                        debug!("client sent no complete request head within {:?}: closing", limits.header_read_timeout);
+                        return Ok(());
+                    }
+                    Some(Expired::Send) => {
+                        debug!("client took no response bytes for {:?}: closing", limits.send_timeout);
+                        return Ok(());
+                    }
+                    Some(Expired::Head | Expired::Idle) if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful();
+                    }
+                    _ => {}
                 }
-                Some(Expired::Send) => {
-                    debug!("client took no response bytes for {:?}: closing", limits.send_timeout);
-                    return Ok(());
-                }
-                Some(Expired::Head | Expired::Idle) if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful();
-                }
-                _ => {}
-            },
+                timer.as_mut().reset(clock.next_check());
+            }
         }
     }
 }
