@@ -403,7 +403,7 @@ pub async fn accept_loop(
     mut shutdown: Shutdown,
 ) {
     let permits = Arc::new(Semaphore::new(server.conn_limit));
-    let mut leaving = server.stats.leaving_watch();
+    let mut stop = server.stats.stop_accepting_watch();
     let mut backoff = Duration::ZERO;
     let mut capped_logged = false;
     loop {
@@ -442,12 +442,11 @@ pub async fn accept_loop(
                 tokio::task::yield_now().await;
             }
         }
-        // Biased: when a connection and the decision to leave are both ready, leaving
-        // wins, or a worker at its request limit could take one more.
+        // Biased: when a connection and the decision to leave (or drain) are both ready,
+        // leaving wins, or a worker at its request limit could take one more.
         let accepted = tokio::select! {
             biased;
-            _ = leaving.wait_for(|l| *l) => return,
-            _ = shutdown.reached(Stage::Draining) => return,
+            _ = stop.wait_for(|s| *s) => return,
             r = listener.accept() => r,
         };
         match accepted {

@@ -93,9 +93,10 @@ pub struct Stats {
     /// Why the worker decided to leave, and whether that was planned, once it has.
     pub leaving: RefCell<Option<(String, bool)>>,
     pub leave: Notify,
-    /// True from the moment the worker decides to leave: accept loops waiting in `accept`
-    /// stop at once (a flag read before waiting would let one more connection in).
-    leaving_now: tokio::sync::watch::Sender<bool>,
+    /// True from the moment the worker decides to leave or starts draining: accept loops
+    /// waiting in `accept` stop at once (a flag read before waiting would let one more
+    /// connection in). One channel for both, so an accept waits on one waiter list, not two.
+    stop_accepting: tokio::sync::watch::Sender<bool>,
 }
 
 impl Stats {
@@ -112,7 +113,7 @@ impl Stats {
             handoff_pending: Cell::new(false),
             leaving: RefCell::new(None),
             leave: Notify::new(),
-            leaving_now: tokio::sync::watch::Sender::new(false),
+            stop_accepting: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -166,12 +167,18 @@ impl Stats {
         if l.is_none() {
             *l = Some((reason, planned));
             self.leave.notify_one();
-            self.leaving_now.send_replace(true);
+            self.stop_accepting.send_replace(true);
         }
     }
 
-    /// Resolves once the worker has decided to leave; see [`Stats::accepting`].
-    pub fn leaving_watch(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.leaving_now.subscribe()
+    /// The drain started: accept loops stop (see [`Stats::stop_accepting_watch`]).
+    pub fn draining(&self) {
+        self.stop_accepting.send_replace(true);
+    }
+
+    /// True once the worker has decided to leave or started draining; see
+    /// [`Stats::accepting`].
+    pub fn stop_accepting_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop_accepting.subscribe()
     }
 }

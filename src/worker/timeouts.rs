@@ -306,9 +306,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
             }
             self.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
         }
-        let mut scratch = [0u8; 2048];
+        // Uninitialised: zeroing 2 KiB on every poll costs more than the read it is for.
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
         loop {
-            let mut buf = ReadBuf::new(&mut scratch);
+            let mut buf = ReadBuf::uninit(&mut scratch);
             match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
                 Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
                 // End of stream or an error: the client has what it will read.
