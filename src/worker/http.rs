@@ -143,7 +143,7 @@ pub struct Server {
     conn_limit: usize,
     worker_header: HeaderValue,
     stats: Rc<Stats>,
-    budget: Arc<BodyBudget>,
+    budget: &'static BodyBudget,
     h1: http1::Builder,
     h2: http2::Builder<LocalExec>,
     /// The TLS acceptor, and which listening sockets use it.
@@ -246,12 +246,7 @@ impl Server {
                 "request body too large\n",
             )));
         }
-        match RequestBody::new(
-            body,
-            &self.limits,
-            self.budget.clone(),
-            declared.unwrap_or(0),
-        ) {
+        match RequestBody::new(body, &self.limits, self.budget, declared.unwrap_or(0)) {
             Err(_) => {
                 let mut r = closing(plain(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -762,7 +757,6 @@ async fn serve_http<IO>(
     let service = {
         let clock = clock.clone();
         let server = server.clone();
-        let shutdown = shutdown.clone();
         service_fn(move |req: Request<Incoming>| {
             clock.request_started();
             let logged = server.sample_access();
@@ -784,7 +778,7 @@ async fn serve_http<IO>(
             });
             let version = req.version();
             let started_req = server.start(&svc, req, measured);
-            let draining = shutdown.is_draining();
+            let draining = server.stats.is_draining();
             let server = server.clone();
             let clock = clock.clone();
             async move {
