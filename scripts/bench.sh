@@ -45,6 +45,7 @@ BASELINE_REV=""
 PAIR_RUNS=3
 PAIR_CONNS=64
 APP_ARGS=()
+APP_BIN_ARG=""
 ORIG_ARGS="$*"
 
 usage() {
@@ -108,6 +109,10 @@ Options:
   --only LIST          restrict to these servers: app,nginx,node-rr,node-none,pm2
                        (nginx also covers the --h2 instance, nginx-h2)
   --app-arg ARG        extra argument for `app serve` (repeatable)
+  --app-bin PATH       serve this program instead of target/release/app (any program built on
+                       the library, e.g. target/release/examples/hello: the library around a
+                       plain service_fn, as the baseline's hand-written demo was); with the
+                       default build, also builds the release examples
   --json FILE          also write the JSON results to FILE
   --png FILE           also copy the plot to FILE
   --out DIR            output directory (default target/bench)
@@ -156,6 +161,7 @@ while [ $# -gt 0 ]; do
     --accept) ACCEPT=$2; shift ;;
     --only) ONLY=$2; shift ;;
     --app-arg) APP_ARGS+=("$2"); shift ;;
+    --app-bin) APP_BIN_ARG=$2; shift ;;
     --json) JSON_OUT=$2; shift ;;
     --png) PNG_COPY=$2; shift ;;
     --out) OUT=$2; shift ;;
@@ -387,7 +393,7 @@ add_server() { # name kind
     mkdir -m 700 "$TMP/$1" # the control socket's directory must be 0700 (app refuses 0755)
 }
 
-APP_BIN=$TARGET_DIR/release/app
+APP_BIN=${APP_BIN_ARG:-$TARGET_DIR/release/app}
 start_app() {
     local name=$1 dir=${S_DIR[$1]} bin=${S_BIN[$1]:-$APP_BIN} port args=()
     if [ -n "$PORT" ] && [ "$name" = "${SERVERS[0]}" ]; then
@@ -487,6 +493,9 @@ if [ -z "$URL" ] && want app; then
     if [ "$BUILD" = 1 ]; then
         log "cargo build --release"
         (cd "$ROOT" && cargo build --release) >&2 || die "cargo build --release failed"
+        if [ -n "$APP_BIN_ARG" ]; then
+            (cd "$ROOT" && cargo build --release --examples) >&2 || die "cargo build --release --examples failed"
+        fi
     fi
     [ -x "$APP_BIN" ] || die "$APP_BIN not found (build it, or use --url)"
     APP_STATUS_BIN=$APP_BIN

@@ -31,7 +31,7 @@ use crate::exit;
 use crate::ipc::WorkerSetup;
 use crate::master::spawn::WORKER_ENV;
 use crate::shutdown::Shutdown;
-use crate::worker::routes::{BoxHttp, BoxTcp, Handler, Routes};
+use crate::worker::routes::{BoxHttp, BoxTcp, Handler, ResponseBody, Routes};
 use crate::worker::{Connection, RequestBody};
 
 /// The error type services and factories may return: anything that converts into it.
@@ -340,13 +340,36 @@ where
     B: http_body::Body<Data = Bytes> + 'static,
     B::Error: Into<BoxError>,
 {
+    use std::task::{Context, Poll, Waker};
+    fn respond<B>(
+        r: Result<Response<B>, impl Into<BoxError>>,
+    ) -> Result<Response<ResponseBody>, BoxError>
+    where
+        B: http_body::Body<Data = Bytes> + 'static,
+        B::Error: Into<BoxError>,
+    {
+        r.map(|resp| resp.map(ResponseBody::new))
+            .map_err(Into::into)
+    }
+    // One instance, called in place: a worker is one thread and `call` returns before the
+    // next request can start, so no clone per request is needed. A service that is ready
+    // at once (routers, `service_fn`: nearly all) is called directly; one that is not gets a
+    // clone driven by `oneshot`, which waits for readiness with the task's real waker.
+    let spare = svc.clone();
+    let shared = std::cell::RefCell::new(svc);
     Rc::new(move |req| {
-        let svc = svc.clone();
-        async move {
-            let resp = svc.oneshot(req).await.map_err(Into::into)?;
-            Ok(resp.map(crate::worker::routes::boxed))
+        let mut svc = match shared.try_borrow_mut() {
+            Ok(svc) => svc,
+            Err(_) => {
+                // Reentered from the service's own `call`: serve from a clone instead.
+                return spare.clone().oneshot(req).map(respond).boxed_local();
+            }
+        };
+        match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => svc.call(req).map(respond).boxed_local(),
+            Poll::Ready(Err(e)) => futures_util::future::ready(Err(e.into())).boxed_local(),
+            Poll::Pending => svc.clone().oneshot(req).map(respond).boxed_local(),
         }
-        .boxed_local()
     })
 }
 

@@ -871,6 +871,16 @@ fn local_state_serves_a_non_send_service_per_worker() {
     assert_eq!(pids(&srv), before);
 }
 
+/// The benchmarks' plain service (`tests/programs/hello.rs`) answers `GET /` as the
+/// pre-library demo did, so the before/after comparison serves the same bytes.
+#[test]
+fn hello_answers_like_the_pre_library_demo() {
+    let srv = start_program("hello", None, &["--workers", "2"], "/");
+    for (w, body) in hits(srv.port, "/", 20) {
+        assert_eq!(body, format!("hello from worker {w}\n"));
+    }
+}
+
 // ---- 6. a raw protocol on a second, named socket -------------------------------------------
 
 /// `axum_state` under `systemd-socket-activate` with three sockets named `http`, `line` and

@@ -19,7 +19,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -60,7 +59,7 @@ impl std::error::Error for BodyError {}
 /// (a [`BodyError`], http-body-util's `LengthLimitError`, or hyper's error).
 pub struct RequestBody {
     inner: Limited<Incoming>,
-    budget: Arc<BodyBudget>,
+    budget: &'static BodyBudget,
     /// Bytes of the budget this body holds.
     held: u64,
     /// Reserved up front for a declared length; frames use it before taking more.
@@ -82,7 +81,7 @@ impl RequestBody {
     pub(crate) fn new(
         inner: Incoming,
         limits: &HttpLimits,
-        budget: Arc<BodyBudget>,
+        budget: &'static BodyBudget,
         declared: u64,
     ) -> Result<RequestBody, Incoming> {
         if declared > 0 && !budget.take(declared) {

@@ -57,7 +57,7 @@ pub fn wrap(inner: BoxHttp) -> BoxHttp {
 }
 
 fn text(status: StatusCode, body: String) -> Response<ResponseBody> {
-    let mut r = Response::new(super::routes::boxed(Full::new(Bytes::from(body))));
+    let mut r = Response::new(ResponseBody::new(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     r
 }

@@ -31,8 +31,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, RETRY_AFTER};
+use http::header::{CONNECTION, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -46,7 +47,7 @@ use super::chaos;
 use super::raw::Connection;
 use super::routes::{BoxHttp, Handler, ResponseBody, Routes};
 use super::stats::{BodyBudget, ConnGuard, Stats};
-use super::timeouts::{ConnClock, Expired, Watched};
+use super::timeouts::{ConnClock, Expired, Watched, now_ns};
 use crate::config::HttpLimits;
 use crate::handoff::{self, Received};
 use crate::ipc::WorkerSetup;
@@ -56,6 +57,9 @@ use crate::shutdown::{Shutdown, Stage};
 /// How long a busier-than-its-peers worker waits before accepting (shared strategy): about
 /// the time an idle peer needs to wake from epoll and call accept.
 const ACCEPT_YIELD: Duration = Duration::from_micros(50);
+
+/// Parsed once: a header name given as a string is validated and lowered on every insert.
+const X_WORKER: HeaderName = HeaderName::from_static("x-worker");
 
 /// The socket name (`FileDescriptorName=metrics`, or `--metrics ADDR`) the pool's metrics
 /// endpoint is served on, unless the program registers its own handler for it.
@@ -74,7 +78,7 @@ fn metrics_handler() -> Handler {
                     "metrics page unavailable\n",
                 ));
             };
-            let mut r = Response::new(super::routes::boxed(Full::new(Bytes::from(text))));
+            let mut r = Response::new(ResponseBody::new(Full::new(Bytes::from(text))));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
@@ -98,6 +102,19 @@ pub fn take_listeners(names: &[String]) -> Result<Vec<AsyncListener>, String> {
         out.push(l);
     }
     Ok(out)
+}
+
+/// A request once [`Server::start`] is done with it.
+enum Started {
+    /// The worker answered it itself (413, 503, a panic in `call`).
+    Answered(Response<ResponseBody>),
+    /// The service's future.
+    Running(
+        futures_util::future::LocalBoxFuture<
+            'static,
+            Result<Response<ResponseBody>, crate::server::BoxError>,
+        >,
+    ),
 }
 
 /// Runs hyper's connection tasks (HTTP/2 streams) on this thread, so they may be `!Send`.
@@ -126,7 +143,7 @@ pub struct Server {
     conn_limit: usize,
     worker_header: HeaderValue,
     stats: Rc<Stats>,
-    budget: Arc<BodyBudget>,
+    budget: &'static BodyBudget,
     h1: http1::Builder,
     h2: http2::Builder<LocalExec>,
     /// The TLS acceptor, and which listening sockets use it.
@@ -216,50 +233,68 @@ impl Server {
         })
     }
 
-    /// One request: limits, the service (or a chaos route), panic containment, headers.
-    async fn handle(
-        self: Rc<Self>,
-        svc: BoxHttp,
-        req: Request<Incoming>,
-        draining: bool,
-        measured: bool,
-    ) -> Response<ResponseBody> {
+    /// Starts one request: counts it, applies the body limits, and calls the service (or a
+    /// chaos route) at once. Only the service's future is left to await, so the future
+    /// hyper keeps per request is small ([`Server::finish`] completes it); moving a large
+    /// one costs a copy of all of it at every layer.
+    fn start(&self, svc: &BoxHttp, req: Request<Incoming>, measured: bool) -> Started {
         if measured {
             self.stats.request_started();
         }
-        let version = req.version();
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let mut resp = if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
-            closing(plain(
+        let (parts, body) = req.into_parts();
+        // hyper's own reading of the framing: `Content-Length` when that decides the length
+        // (not when chunked encoding overrides it), zero for no body.
+        let declared = body.size_hint().exact();
+        if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
+            return Started::Answered(closing(plain(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body too large\n",
-            ))
-        } else {
-            let (parts, body) = req.into_parts();
-            match RequestBody::new(
-                body,
-                &self.limits,
-                self.budget.clone(),
-                declared.unwrap_or(0),
-            ) {
-                Err(_) => {
-                    let mut r = closing(plain(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "too many request bodies in flight\n",
-                    ));
-                    r.headers_mut()
-                        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-                    r
-                }
-                Ok(body) => self.call(svc, Request::from_parts(parts, body)).await,
+            )));
+        }
+        match RequestBody::new(body, &self.limits, self.budget, declared.unwrap_or(0)) {
+            Err(_) => {
+                let mut r = closing(plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many request bodies in flight\n",
+                ));
+                r.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                Started::Answered(r)
             }
+            Ok(body) => {
+                let req = Request::from_parts(parts, body);
+                // A service may panic in `call` itself, before it returns its future.
+                match std::panic::catch_unwind(AssertUnwindSafe(|| svc(req))) {
+                    Ok(fut) => Started::Running(fut),
+                    Err(panic) => Started::Answered(self.panicked(panic)),
+                }
+            }
+        }
+    }
+
+    /// The response of a started request, with its headers: panics and errors become 500s.
+    async fn finish(
+        &self,
+        started: Started,
+        version: Version,
+        draining: bool,
+    ) -> Response<ResponseBody> {
+        let mut resp = match started {
+            Started::Answered(r) => r,
+            Started::Running(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    warn!("the service returned an error: {e}");
+                    closing(plain(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal server error\n",
+                    ))
+                }
+                Err(panic) => self.panicked(panic),
+            },
         };
         resp.headers_mut()
-            .insert("x-worker", self.worker_header.clone());
+            .insert(X_WORKER, self.worker_header.clone());
         if draining && version < Version::HTTP_2 {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -267,31 +302,20 @@ impl Server {
         resp
     }
 
-    async fn call(&self, svc: BoxHttp, req: Request<RequestBody>) -> Response<ResponseBody> {
-        match AssertUnwindSafe(svc(req)).catch_unwind().await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                warn!("the service returned an error: {e}");
-                closing(plain(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal server error\n",
-                ))
-            }
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                error!("request handler panicked: {what}; this worker will drain and be replaced");
-                self.stats
-                    .leave(format!("request handler panicked: {what}"), false);
-                closing(plain(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal server error\n",
-                ))
-            }
-        }
+    /// A handler panicked: the worker leaves (and is replaced), the client gets a 500.
+    fn panicked(&self, panic: Box<dyn std::any::Any + Send>) -> Response<ResponseBody> {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        error!("request handler panicked: {what}; this worker will drain and be replaced");
+        self.stats
+            .leave(format!("request handler panicked: {what}"), false);
+        closing(plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal server error\n",
+        ))
     }
 
     /// Logs a connection-level error (garbage, a protocol the client got wrong) once per
@@ -356,7 +380,7 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> &'static str {
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
-    let mut r = Response::new(super::routes::boxed(Full::new(Bytes::from_static(
+    let mut r = Response::new(ResponseBody::new(Full::new(Bytes::from_static(
         body.as_bytes(),
     ))));
     *r.status_mut() = status;
@@ -379,7 +403,7 @@ pub async fn accept_loop(
     mut shutdown: Shutdown,
 ) {
     let permits = Arc::new(Semaphore::new(server.conn_limit));
-    let mut leaving = server.stats.leaving_watch();
+    let mut stop = server.stats.stop_accepting_watch();
     let mut backoff = Duration::ZERO;
     let mut capped_logged = false;
     loop {
@@ -400,9 +424,14 @@ pub async fn accept_loop(
                 );
             }
         }
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.reached(Stage::Draining) => return,
+        // Waiting (a waiter registered on the drain's channel and the semaphore) only at
+        // the cap: below it, per accepted connection, that costs more than the accept.
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = shutdown.reached(Stage::Draining) => return,
+            },
         };
         if server.stats.should_yield_accept() {
             // Give a less busy worker, woken by the same connection, time to take it: a
@@ -413,12 +442,11 @@ pub async fn accept_loop(
                 tokio::task::yield_now().await;
             }
         }
-        // Biased: when a connection and the decision to leave are both ready, leaving
-        // wins, or a worker at its request limit could take one more.
+        // Biased: when a connection and the decision to leave (or drain) are both ready,
+        // leaving wins, or a worker at its request limit could take one more.
         let accepted = tokio::select! {
             biased;
-            _ = leaving.wait_for(|l| *l) => return,
-            _ = shutdown.reached(Stage::Draining) => return,
+            _ = stop.wait_for(|s| *s) => return,
             r = listener.accept() => r,
         };
         match accepted {
@@ -468,8 +496,14 @@ fn spawn_conn(
         let _permit = permit;
         match handler {
             Handler::Http(svc) => match server.tls_acceptor(index) {
+                // Boxed: a TLS connection's state (rustls's) is several kilobytes, and the
+                // task's future is as large as its largest branch, so every plain
+                // connection would pay for copying it (three times as the task is spawned).
                 Some(acceptor) => {
-                    serve_tls(conn, acceptor, svc, server, shutdown, counted, measured).await
+                    Box::pin(serve_tls(
+                        conn, acceptor, svc, server, shutdown, counted, measured,
+                    ))
+                    .await
                 }
                 None => serve_http(conn, None, svc, server, shutdown, counted, measured).await,
             },
@@ -605,12 +639,13 @@ struct Access {
     path: String,
     status: u16,
     bytes: u64,
-    started: std::time::Instant,
+    /// A [`now_ns`] reading.
+    started: u64,
 }
 
 impl Access {
-    fn log(&self) {
-        let took = self.started.elapsed();
+    fn log(&self, now: u64) {
+        let took = Duration::from_nanos(now.saturating_sub(self.started));
         // Fields become journald fields (HTTP_STATUS=500 filters), named apart from
         // journald's own; the text is what plain `journalctl` and a terminal show.
         info!(
@@ -644,7 +679,8 @@ struct Tracked {
 struct Meter {
     method: u8,
     status: u16,
-    started: std::time::Instant,
+    /// A [`now_ns`] reading.
+    started: u64,
     bytes: u64,
 }
 
@@ -683,12 +719,19 @@ impl http_body::Body for Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.clock.request_finished();
+        // One clock reading for the idle clock, the metrics and the log.
+        let now = now_ns();
+        self.clock.request_finished(now);
         if let Some(a) = &self.access {
-            a.log();
+            a.log(now);
         }
         if let Some(m) = &self.meter {
-            crate::metrics::request_done(m.method, m.status, m.bytes, m.started.elapsed());
+            crate::metrics::request_done(
+                m.method,
+                m.status,
+                m.bytes,
+                now.saturating_sub(m.started),
+            );
         }
     }
 }
@@ -719,30 +762,32 @@ async fn serve_http<IO>(
     let service = {
         let clock = clock.clone();
         let server = server.clone();
-        let shutdown = shutdown.clone();
         service_fn(move |req: Request<Incoming>| {
             clock.request_started();
-            let access = server.sample_access().then(|| {
+            let logged = server.sample_access();
+            let started = if measured || logged { now_ns() } else { 0 };
+            let access = logged.then(|| {
                 Box::new(Access {
                     method: req.method().clone(),
                     path: req.uri().path().to_string(),
                     status: 0,
                     bytes: 0,
-                    started: std::time::Instant::now(),
+                    started,
                 })
             });
             let meter = measured.then(|| Meter {
                 method: crate::metrics::method_code(req.method()),
                 status: 0,
-                started: std::time::Instant::now(),
+                started,
                 bytes: 0,
             });
-            let fut = server
-                .clone()
-                .handle(svc.clone(), req, shutdown.is_draining(), measured);
+            let version = req.version();
+            let started_req = server.start(&svc, req, measured);
+            let draining = server.stats.is_draining();
+            let server = server.clone();
             let clock = clock.clone();
             async move {
-                let resp = fut.await;
+                let resp = server.finish(started_req, version, draining).await;
                 let mut access = access;
                 let status = resp.status().as_u16();
                 if let Some(a) = &mut access {
@@ -767,12 +812,19 @@ async fn serve_http<IO>(
         })
     };
     let mut io = Watched::new(io, clock.clone(), counted);
+    // One timer for the connection's life (first bytes, then every deadline), reset when it
+    // fires: a timer registered and dropped per wait costs more than the request itself.
+    let timer = tokio::time::sleep_until(clock.next_check());
+    tokio::pin!(timer);
     let h2 = match alpn_h2 {
         Some(h2) => h2,
-        None => match tokio::time::timeout_at(clock.next_check(), io.sniff_h2()).await {
-            Ok(Ok(h2)) => h2,
-            // Silent past the head timeout, or gone: nothing to answer.
-            Ok(Err(_)) | Err(_) => return,
+        None => tokio::select! {
+            r = io.sniff_h2() => match r {
+                Ok(h2) => h2,
+                Err(_) => return,
+            },
+            // Silent past the head timeout: nothing to answer.
+            _ = timer.as_mut() => return,
         },
     };
     let _open = measured.then(|| {
@@ -782,15 +834,27 @@ async fn serve_http<IO>(
             crate::metrics::Proto::Http1
         })
     });
+    // hyper's connection state is boxed: kept inline, it would make this future (and the
+    // connection task holding it) kilobytes large, copied whole whenever the task is moved.
     let result = if h2 {
-        let conn = server.h2.serve_connection(TokioIo::new(io), service);
-        drive(conn, &clock, &server, &mut shutdown, Stage::Draining).await
+        let conn = Box::pin(server.h2.serve_connection(TokioIo::new(io), service));
+        drive(conn, &clock, timer, &server, &mut shutdown, Stage::Draining).await
     } else {
-        let conn = server
-            .h1
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
-        drive(conn, &clock, &server, &mut shutdown, Stage::CloseIdle).await
+        let conn = Box::pin(
+            server
+                .h1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
+        drive(
+            conn,
+            &clock,
+            timer,
+            &server,
+            &mut shutdown,
+            Stage::CloseIdle,
+        )
+        .await
     };
     if let Err(e) = result {
         server.log_conn_error(&e);
@@ -863,14 +927,14 @@ where
 /// graceful shutdown when the drain reaches `close_at` or the connection idles out, a hard
 /// close when the head or a send stalls past its timeout.
 async fn drive<C: Graceful>(
-    conn: C,
+    mut conn: std::pin::Pin<Box<C>>,
     clock: &ConnClock,
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
     server: &Server,
     shutdown: &mut Shutdown,
     close_at: Stage,
 ) -> hyper::Result<()> {
     let limits = &server.limits;
-    let mut conn = std::pin::pin!(conn);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -879,21 +943,24 @@ async fn drive<C: Graceful>(
                 closing = true;
                 conn.as_mut().graceful();
             }
-            _ = tokio::time::sleep_until(clock.next_check()) => match clock.expired() {
-                Some(Expired::Head) if close_at == Stage::CloseIdle => {
-                    debug!("client sent no complete request head within {:?}: closing", limits.header_read_timeout);
-                    return Ok(());
+            _ = timer.as_mut() => {
+                match clock.expired() {
+                    Some(Expired::Head) if close_at == Stage::CloseIdle => {
+                        debug!("client sent no complete request head within {:?}: closing", limits.header_read_timeout);
+                        return Ok(());
+                    }
+                    Some(Expired::Send) => {
+                        debug!("client took no response bytes for {:?}: closing", limits.send_timeout);
+                        return Ok(());
+                    }
+                    Some(Expired::Head | Expired::Idle) if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful();
+                    }
+                    _ => {}
                 }
-                Some(Expired::Send) => {
-                    debug!("client took no response bytes for {:?}: closing", limits.send_timeout);
-                    return Ok(());
-                }
-                Some(Expired::Head | Expired::Idle) if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful();
-                }
-                _ => {}
-            },
+                timer.as_mut().reset(clock.next_check());
+            }
         }
     }
 }

@@ -277,6 +277,7 @@ where
 {
     let start = tokio::time::Instant::now();
     trigger.advance(Stage::Draining);
+    stats.draining();
     info!(
         "draining {} connection(s) for up to {} ms",
         stats.connections(),

@@ -4,21 +4,79 @@
 //! serves it; every other socket (unnamed, by hand, or named but not registered) goes to the
 //! default HTTP service.
 
+use std::any::Any;
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use http::{Request, Response};
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 
 use super::{Connection, RequestBody};
 use crate::server::BoxError;
 
-/// Response bodies of every service, boxed once. Not http-body-util's `UnsyncBoxBody`,
-/// which still requires `Send`: a worker's bodies never leave its thread.
-pub type ResponseBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>;
+/// Response bodies of every service, in one type: a `Full<Bytes>` (the common fixed
+/// answer, and the worker's own 413/500/503) as it is, anything else boxed. Not
+/// http-body-util's `UnsyncBoxBody`, which still requires `Send`: a worker's bodies never
+/// leave its thread.
+pub enum ResponseBody {
+    Full(Full<Bytes>),
+    Boxed(Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>),
+}
+
+impl ResponseBody {
+    /// Erases any body of [`Bytes`]. A `Full<Bytes>` is kept as it is: a box (an allocation
+    /// and a free per response) for the most common answer is measurable per request.
+    pub fn new<B>(body: B) -> ResponseBody
+    where
+        B: Body<Data = Bytes> + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use http_body_util::BodyExt;
+        let mut slot = Some(body);
+        if let Some(full) = (&mut slot as &mut dyn Any).downcast_mut::<Option<Full<Bytes>>>() {
+            return ResponseBody::Full(full.take().expect("set above"));
+        }
+        let body = slot.expect("not taken: not a Full");
+        ResponseBody::Boxed(Box::pin(body.map_err(Into::into)))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Full(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|never: Infallible| match never {}),
+            ResponseBody::Boxed(b) => b.as_mut().poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(b) => b.is_end_stream(),
+            ResponseBody::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(b) => b.size_hint(),
+            ResponseBody::Boxed(b) => b.size_hint(),
+        }
+    }
+}
 
 /// An HTTP service: one request in, one response (or an error) out.
 pub type BoxHttp = Rc<
@@ -65,14 +123,4 @@ impl Routes {
             })
             .collect()
     }
-}
-
-/// Boxes any body of [`Bytes`] as a [`ResponseBody`].
-pub fn boxed<B>(body: B) -> ResponseBody
-where
-    B: Body<Data = Bytes> + 'static,
-    B::Error: Into<BoxError>,
-{
-    use http_body_util::BodyExt;
-    Box::pin(body.map_err(Into::into))
 }

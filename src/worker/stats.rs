@@ -51,11 +51,14 @@ pub struct BodyBudget {
 }
 
 impl BodyBudget {
-    pub fn new(limit: u64) -> Arc<BodyBudget> {
-        Arc::new(BodyBudget {
+    /// The worker's budget, for the life of the process: every request body refers to it,
+    /// and a plain reference costs none of the two atomic reference-count updates per
+    /// request that an `Arc` would.
+    pub fn new(limit: u64) -> &'static BodyBudget {
+        Box::leak(Box::new(BodyBudget {
             used: AtomicU64::new(0),
             limit,
-        })
+        }))
     }
 
     /// Takes `n` bytes; false (and nothing taken) when that would pass the limit.
@@ -78,7 +81,9 @@ impl BodyBudget {
     }
 
     pub fn give_back(&self, n: u64) {
-        self.used.fetch_sub(n, Ordering::Relaxed);
+        if n > 0 {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+        }
     }
 }
 
@@ -93,9 +98,13 @@ pub struct Stats {
     /// Why the worker decided to leave, and whether that was planned, once it has.
     pub leaving: RefCell<Option<(String, bool)>>,
     pub leave: Notify,
-    /// True from the moment the worker decides to leave: accept loops waiting in `accept`
-    /// stop at once (a flag read before waiting would let one more connection in).
-    leaving_now: tokio::sync::watch::Sender<bool>,
+    /// Set when the drain starts: read per request (`Connection: close`), where the drain's
+    /// own channel would take a lock.
+    draining: Cell<bool>,
+    /// True from the moment the worker decides to leave or starts draining: accept loops
+    /// waiting in `accept` stop at once (a flag read before waiting would let one more
+    /// connection in). One channel for both, so an accept waits on one waiter list, not two.
+    stop_accepting: tokio::sync::watch::Sender<bool>,
 }
 
 impl Stats {
@@ -112,7 +121,8 @@ impl Stats {
             handoff_pending: Cell::new(false),
             leaving: RefCell::new(None),
             leave: Notify::new(),
-            leaving_now: tokio::sync::watch::Sender::new(false),
+            draining: Cell::new(false),
+            stop_accepting: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -166,12 +176,24 @@ impl Stats {
         if l.is_none() {
             *l = Some((reason, planned));
             self.leave.notify_one();
-            self.leaving_now.send_replace(true);
+            self.stop_accepting.send_replace(true);
         }
     }
 
-    /// Resolves once the worker has decided to leave; see [`Stats::accepting`].
-    pub fn leaving_watch(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.leaving_now.subscribe()
+    /// The drain started: accept loops stop (see [`Stats::stop_accepting_watch`]).
+    pub fn draining(&self) {
+        self.draining.set(true);
+        self.stop_accepting.send_replace(true);
+    }
+
+    /// Whether the drain has started ([`Stats::draining`]).
+    pub fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// True once the worker has decided to leave or started draining; see
+    /// [`Stats::accepting`].
+    pub fn stop_accepting_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop_accepting.subscribe()
     }
 }

@@ -37,7 +37,44 @@ pub enum Expired {
     Send,
 }
 
-/// An instant stored in an atomic: nanoseconds after `base`, plus one (0 is "not set").
+/// Now, in nanoseconds of `CLOCK_MONOTONIC` (the clock behind `Instant` on Linux).
+///
+/// The per-request path reads the clock a few times (a head's first byte, a request's start
+/// and end); as a plain number each read is one vDSO call and the arithmetic on it is plain
+/// integer arithmetic, where `Instant` and `Duration` cost checked conversions on every
+/// step. Only the rare deadline computations convert back ([`instant_at`]).
+#[inline]
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
+}
+
+/// The `Instant` of a [`now_ns`] reading: both come from the same clock, so one pair of
+/// readings taken together once maps every other.
+fn instant_at(ns: u64) -> Instant {
+    static ORIGIN: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    let (at, at_ns) = *ORIGIN.get_or_init(|| (std::time::Instant::now(), now_ns()));
+    let t = if ns >= at_ns {
+        at + Duration::from_nanos(ns - at_ns)
+    } else {
+        at.checked_sub(Duration::from_nanos(at_ns - ns))
+            .unwrap_or(at)
+    };
+    Instant::from_std(t)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A [`now_ns`] reading in an atomic; 0 is "not set".
 struct AtomicInstant(AtomicU64);
 
 impl AtomicInstant {
@@ -45,15 +82,18 @@ impl AtomicInstant {
         AtomicInstant(AtomicU64::new(0))
     }
 
-    fn set(&self, base: Instant, at: Option<Instant>) {
-        let v = at.map_or(0, |t| t.duration_since(base).as_nanos() as u64 + 1);
-        self.0.store(v, Ordering::Relaxed);
+    fn set(&self, at: u64) {
+        self.0.store(at.max(1), Ordering::Relaxed);
     }
 
-    fn get(&self, base: Instant) -> Option<Instant> {
+    fn clear(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<u64> {
         match self.0.load(Ordering::Relaxed) {
             0 => None,
-            v => Some(base + Duration::from_nanos(v - 1)),
+            v => Some(v),
         }
     }
 
@@ -63,10 +103,9 @@ impl AtomicInstant {
 }
 
 pub struct ConnClock {
-    base: Instant,
-    head_timeout: Duration,
-    idle_timeout: Duration,
-    send_timeout: Duration,
+    head_timeout: u64,
+    idle_timeout: u64,
+    send_timeout: u64,
     /// Waiting for a request head since then (from accept, or from its first byte).
     head_since: AtomicInstant,
     /// Idle between requests since then.
@@ -81,89 +120,85 @@ pub struct ConnClock {
 
 impl ConnClock {
     pub fn new(head: Duration, idle: Duration, send: Duration) -> Arc<ConnClock> {
-        let base = Instant::now();
         let c = ConnClock {
-            base,
-            head_timeout: head,
-            idle_timeout: idle,
-            send_timeout: send,
+            head_timeout: nanos(head),
+            idle_timeout: nanos(idle),
+            send_timeout: nanos(send),
             head_since: AtomicInstant::unset(),
             idle_since: AtomicInstant::unset(),
             blocked_since: AtomicInstant::unset(),
             in_flight: AtomicU32::new(0),
             upgraded: std::sync::OnceLock::new(),
         };
-        c.head_since.set(base, Some(base));
+        c.head_since.set(now_ns());
         Arc::new(c)
     }
 
     fn on_bytes_read(&self) {
         if self.in_flight.load(Ordering::Relaxed) == 0 && !self.head_since.is_set() {
-            self.head_since.set(self.base, Some(Instant::now()));
-            self.idle_since.set(self.base, None);
+            self.head_since.set(now_ns());
+            self.idle_since.clear();
         }
     }
 
     fn on_write(&self, blocked: bool) {
         if blocked {
             if !self.blocked_since.is_set() {
-                self.blocked_since.set(self.base, Some(Instant::now()));
+                self.blocked_since.set(now_ns());
             }
         } else if self.blocked_since.is_set() {
-            self.blocked_since.set(self.base, None);
+            self.blocked_since.clear();
         }
     }
 
     pub fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.head_since.set(self.base, None);
-        self.idle_since.set(self.base, None);
+        self.head_since.clear();
+        self.idle_since.clear();
     }
 
-    /// Called when a response has been sent in full (its body dropped).
-    pub fn request_finished(&self) {
+    /// Called when a response has been sent in full (its body dropped), at `now` (a
+    /// [`now_ns`] reading the caller shares with the request's metrics).
+    pub fn request_finished(&self, now: u64) {
         let n = self.in_flight.load(Ordering::Relaxed).saturating_sub(1);
         self.in_flight.store(n, Ordering::Relaxed);
         if n == 0 {
-            self.idle_since.set(self.base, Some(Instant::now()));
+            self.idle_since.set(now);
         }
     }
 
     /// When to look again: the earliest running deadline, or at the latest one short period
     /// from now (a request may finish meanwhile and start the idle clock).
     pub fn next_check(&self) -> Instant {
-        let now = Instant::now();
+        let now = now_ns();
         let period = self
             .head_timeout
             .min(self.idle_timeout)
             .min(self.send_timeout);
-        let mut next = now + period;
-        if let Some(h) = self.head_since.get(self.base) {
-            next = next.min(h + self.head_timeout);
-        } else if let Some(i) = self.idle_since.get(self.base) {
-            next = next.min(i + self.idle_timeout);
+        let mut next = now.saturating_add(period);
+        if let Some(h) = self.head_since.get() {
+            next = next.min(h.saturating_add(self.head_timeout));
+        } else if let Some(i) = self.idle_since.get() {
+            next = next.min(i.saturating_add(self.idle_timeout));
         }
-        if let Some(b) = self.blocked_since.get(self.base) {
-            next = next.min(b + self.send_timeout);
+        if let Some(b) = self.blocked_since.get() {
+            next = next.min(b.saturating_add(self.send_timeout));
         }
-        next
+        instant_at(next)
     }
 
     pub fn expired(&self) -> Option<Expired> {
-        let now = Instant::now();
-        if let Some(b) = self.blocked_since.get(self.base)
-            && now >= b + self.send_timeout
-        {
+        let now = now_ns();
+        let past = |since: Option<u64>, timeout: u64| {
+            since.is_some_and(|t| now >= t.saturating_add(timeout))
+        };
+        if past(self.blocked_since.get(), self.send_timeout) {
             return Some(Expired::Send);
         }
-        if let Some(h) = self.head_since.get(self.base)
-            && now >= h + self.head_timeout
-        {
+        if past(self.head_since.get(), self.head_timeout) {
             return Some(Expired::Head);
         }
-        if let Some(i) = self.idle_since.get(self.base)
-            && now >= i + self.idle_timeout
-        {
+        if past(self.idle_since.get(), self.idle_timeout) {
             return Some(Expired::Idle);
         }
         None
@@ -271,9 +306,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
             }
             self.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
         }
-        let mut scratch = [0u8; 2048];
+        // Uninitialised: zeroing 2 KiB on every poll costs more than the read it is for.
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
         loop {
-            let mut buf = ReadBuf::new(&mut scratch);
+            let mut buf = ReadBuf::uninit(&mut scratch);
             match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
                 Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
                 // End of stream or an error: the client has what it will read.
