@@ -132,7 +132,12 @@ fn panic_gets_500_replacement_starts_before_the_old_worker_drains() {
     assert_eq!(slow.status, 200);
     assert!(wait_until(Duration::from_secs(3), || (!alive(old)).then_some(())).is_some());
     assert!(alive(new));
-    let log = srv.log_text();
+    // The master's line about the exit reaches the harness's log reader a little later.
+    let log = wait_until(Duration::from_secs(3), || {
+        let log = srv.log_text();
+        log.contains("retired: Leaving").then_some(log)
+    })
+    .unwrap_or_else(|| srv.log_text());
     let leaving = log.find(") is leaving").expect("leaving message");
     let started = log[leaving..]
         .find(") started on CPU")
