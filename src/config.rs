@@ -890,7 +890,10 @@ impl Config {
             ),
             ("http.send_timeout", d(c.http.send_timeout)),
             ("http.max_connections", json!(c.http.max_connections)),
-            ("http.ready_path", json!(c.ready_path.as_deref().unwrap_or(""))),
+            (
+                "http.ready_path",
+                json!(c.ready_path.as_deref().unwrap_or("")),
+            ),
             (
                 "service",
                 serde_json::to_value(&c.service).unwrap_or(serde_json::Value::Null),

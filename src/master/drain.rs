@@ -134,7 +134,10 @@ impl Master {
                 );
                 match self.readiness() {
                     Readiness::Ready => "undrained: ready".to_string(),
-                    other => format!("undrained: {} (ready once every worker serves)", other.as_str()),
+                    other => format!(
+                        "undrained: {} (ready once every worker serves)",
+                        other.as_str()
+                    ),
                 }
             }
         };
@@ -168,4 +171,3 @@ impl Master {
         })
     }
 }
-

@@ -44,8 +44,8 @@ use tracing::{debug, error, info, warn};
 
 use super::body::RequestBody;
 use super::chaos;
-use super::ready::{self, AGENT_SOCKET};
 use super::raw::Connection;
+use super::ready::{self, AGENT_SOCKET};
 use super::routes::{BoxHttp, Handler, ResponseBody, Routes};
 use super::stats::{BodyBudget, ConnGuard, Stats};
 use super::timeouts::{ConnClock, Expired, Watched, now_ns};
@@ -171,16 +171,19 @@ impl Server {
         let builtin_agent = setup.listeners.iter().any(|l| l == AGENT_SOCKET)
             && !routes.named.contains_key(AGENT_SOCKET);
         if builtin_agent {
-            routes
-                .named
-                .insert(AGENT_SOCKET.to_string(), ready::agent_handler(stats.clone()));
+            routes.named.insert(
+                AGENT_SOCKET.to_string(),
+                ready::agent_handler(stats.clone()),
+            );
         }
         // Probes (scrapes, agent checks) are not traffic: not counted, not max_requests.
         let measured: Vec<bool> = setup
             .listeners
             .iter()
             .map(|l| {
-                !(builtin_metrics && l == METRICS_SOCKET) && !(builtin_agent && l == AGENT_SOCKET)
+                let probe = (builtin_metrics && l == METRICS_SOCKET)
+                    || (builtin_agent && l == AGENT_SOCKET);
+                !probe
             })
             .collect();
         let mut handlers = routes.resolve(&setup.listeners)?;

@@ -40,8 +40,8 @@ use crate::shutdown::{self, Shutdown, Stage};
 
 pub use body::{BodyError, RequestBody};
 pub use http::METRICS_SOCKET;
-pub use ready::AGENT_SOCKET;
 pub use raw::Connection;
+pub use ready::AGENT_SOCKET;
 use routes::Routes;
 use stats::Stats;
 
