@@ -341,7 +341,7 @@ stage_and_install() {
     t0=$(now_ms)
     mkdir -p "$ROOT$STAGE/scripts" "$ROOT$STAGE/systemd"
     cp "$SRC/scripts/install.sh" "$ROOT$STAGE/scripts/"
-    cp "$SRC"/systemd/app.socket "$SRC"/systemd/app-metrics.socket "$SRC"/systemd/app.service "$SRC"/systemd/app.toml "$ROOT$STAGE/systemd/"
+    cp "$SRC"/systemd/*.socket "$SRC"/systemd/app.service "$SRC"/systemd/app.toml "$ROOT$STAGE/systemd/"
     cp "$BIN" "$ROOT$STAGE/app"
     if ! out=$(IN "$STAGE/scripts/install.sh" --binary "$STAGE/app" 2>&1); then
         printf '%s\n' "$out" >&2; die "scripts/install.sh failed inside the sandbox"

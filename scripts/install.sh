@@ -46,7 +46,7 @@ DOCS=1
 # The paths the unit files in systemd/ are written for.
 DEFAULT_BIN=/usr/local/bin/app
 DEFAULT_CONFIG=/etc/app/app.toml
-UNITS=(app.socket app-metrics.socket app.service)
+UNITS=(app.socket app-metrics.socket app-agent.socket app.service)
 
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }

@@ -999,14 +999,17 @@ mod tests {
         }
     }
 
-    /// The shipped `systemd/app.toml` documents the defaults without setting any: it parses,
-    /// and uncommenting every `# key = value` line gives the same configuration as no file
-    /// at all. (`workers` and `control_socket` are examples: their defaults depend on the
+    /// The shipped `systemd/app.toml` documents the defaults and sets only `drain_delay`
+    /// (a stop under systemd first leaves the load balancer): it parses, and uncommenting
+    /// every `# key = value` line gives the same configuration as no file at all but for
+    /// that key. (`workers` and `control_socket` are examples: their defaults depend on the
     /// machine and the environment.)
     #[test]
     fn shipped_config_documents_the_defaults() {
         let shipped = include_str!("../systemd/app.toml");
-        let defaults = from_text("", 2).unwrap();
+        let mut defaults = from_text("", 2).unwrap();
+        assert_eq!(defaults.drain_delay, Duration::ZERO);
+        defaults.drain_delay = Duration::from_secs(3);
         assert_eq!(from_text(shipped, 2).unwrap(), defaults);
         let mut uncommented = 0;
         let text: String = shipped
