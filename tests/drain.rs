@@ -40,6 +40,16 @@ fn agent(port: u16) -> String {
     try_agent(port).expect("the agent socket did not answer")
 }
 
+/// The `app_ready` gauge of the metrics endpoint.
+fn app_ready(port: u16) -> f64 {
+    let r = get(port, "/metrics").unwrap();
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix("app_ready "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("no app_ready in the metrics")
+}
+
 fn readiness(srv: &Server) -> String {
     srv.status().unwrap()["readiness"]
         .as_str()
@@ -185,8 +195,18 @@ fn readiness_answers_200_only_after_ready() {
 
 #[test]
 fn app_drain_and_undrain_and_a_reload_keeps_the_drain() {
-    let mut srv = Server::start(Launch::default().args(&["--workers", "2", "--drain-delay", "1s"]));
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let mut srv = Server::start(Launch::default().args(&[
+        "--workers",
+        "2",
+        "--drain-delay",
+        "1s",
+        "--metrics",
+        &metrics,
+    ]));
     assert_eq!(readiness(&srv), "ready");
+    assert_eq!(app_ready(metrics_port), 1.0);
     let out = srv.client(&["drain"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(status_of(srv.port, READY).unwrap().0, 503);
@@ -197,6 +217,7 @@ fn app_drain_and_undrain_and_a_reload_keeps_the_drain() {
     assert_eq!(s["readiness"], "draining");
     assert_eq!(s["drain"]["manual"], true);
     assert!(s["drain"]["stop_in_secs"].is_null());
+    assert_eq!(app_ready(metrics_port), 0.0);
     // A new generation is still drained.
     let out = srv.client(&["reload"]);
     assert!(out.status.success(), "{out:?}");
@@ -209,6 +230,7 @@ fn app_drain_and_undrain_and_a_reload_keeps_the_drain() {
     let s = srv.status().unwrap();
     assert_eq!(s["readiness"], "ready");
     assert!(s["drain"].is_null());
+    assert_eq!(app_ready(metrics_port), 1.0);
     // Undraining what is not drained is harmless.
     assert!(srv.client(&["undrain"]).status.success());
 

@@ -38,7 +38,11 @@ impl Master {
     }
 
     pub(super) fn publish_readiness(&self) {
-        self.board.set_readiness(self.readiness());
+        let r = self.readiness();
+        self.board.set_readiness(r);
+        if let Some(p) = &self.metrics {
+            p.set_ready(r == Readiness::Ready);
+        }
     }
 
     /// SIGTERM / SIGINT (graceful) or SIGQUIT (fast): with a `drain_delay`, a graceful stop
