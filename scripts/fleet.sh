@@ -178,6 +178,8 @@ stats_csv() { curl -s -m 2 "http://127.0.0.1:$STATS_PORT/stats;csv"; }
 # server state (UP, DOWN, DRAIN, MAINT, "UP 1/2", ...) and total sessions
 hap_status() { stats_csv | awk -F, -v s="app$1" '$1 == "app" && $2 == s { print $18 }'; }
 hap_sessions() { stats_csv | awk -F, -v s="app$1" '$1 == "app" && $2 == s { print $8 }'; }
+# requests HAProxy retried on a server (wretr) and redispatched away from it (wredis)
+hap_retries() { stats_csv | awk -F, -v s="app$1" '$1 == "app" && $2 == s { print $16 + 0, $17 + 0 }'; }
 stats_table() { stats_csv | awk -F, '$1 == "app" { printf "  %s %s weight=%s sessions=%s\n", $2, $18, $19, $8 }'; }
 is_up() { [ "$(hap_status "$1")" = UP ]; }
 is_down() { case "$(hap_status "$1")" in DOWN*) return 0 ;; *) return 1 ;; esac; }
@@ -325,6 +327,7 @@ check_upgrade() {  # new build on every host, reload host by host: 0 failed
         wait_for 10 is_up "$i" || fail "host $i not UP after its reload" || return 1
         sleep 0.5
     done
+    BIN=$NEW_BIN   # the release a host booted from now on gets
     sleep 1; load_stop
     note "load during the rolling upgrade: $LOAD_SUMMARY"
     load_ok
@@ -358,9 +361,10 @@ check_restart() {  # systemctl restart host by host, with drain: 0 failed
 }
 
 check_host_lost() {  # SIGKILL a whole host: only its in-flight requests fail
-    local i=$HOSTS n t0 out_ms kill_list st old_state t1 before
+    local i=$HOSTS n t0 out_ms kill_list old_state t1 before r0 r1
     all_up || fail "not every host UP before: $(stats_table | paste -sd' ' -)" || return 1
     load_start; sleep 1.5
+    read -r -a r0 <<< "$(hap_retries "$i")"
     use_host "$i"
     old_state=$STATE
     n=$(nspawn_pid) || fail "host $i: no nspawn process" || return 1
@@ -370,9 +374,11 @@ check_host_lost() {  # SIGKILL a whole host: only its in-flight requests fail
     wait_for 10 is_down "$i" || fail "host $i still $(hap_status "$i") 10 s after it was killed" || return 1
     out_ms=$(( $(now_ms) - t0 ))
     sleep 1; load_stop
+    read -r -a r1 <<< "$(hap_retries "$i")"
     note "killed host $i ($(addr "$i")): nspawn + $(wc -w <<< "$kill_list") process(es) SIGKILLed; HAProxy marked it DOWN after $out_ms ms (bound $TAKE_OUT_BOUND_MS ms)"
     note "load across the loss: $LOAD_SUMMARY"
-    note "failed requests: $LOAD_FAILED (bound: $CONNS, one in flight per client connection at most; HAProxy retries what it can)"
+    note "requests that met the dead host: HAProxy retried $(( r1[0] - r0[0] )) and redispatched $(( r1[1] - r0[1] )) of them to another host"
+    note "failed requests: $LOAD_FAILED (bound: $CONNS, one in flight per client connection at most)"
     [ "$LOAD_FAILED" -ge 0 ] && [ "$LOAD_FAILED" -le "$CONNS" ] || fail "$LOAD_FAILED failed, more than the $CONNS that can be in flight" || return 1
     [ "$out_ms" -le "$TAKE_OUT_BOUND_MS" ] || fail "taken out after $out_ms ms > $TAKE_OUT_BOUND_MS ms" || return 1
     [ "$LOAD_RATE" -ge "$MIN_RATE" ] || fail "load rate $LOAD_RATE req/s < $MIN_RATE" || return 1
@@ -453,11 +459,16 @@ on_exit() {
             [ -n "$p" ] && [ "$(pid_starttime "$p")" = "$s" ] && kill -KILL "$p" 2>/dev/null
         done < "$RUN/extra-pids" 2>/dev/null
     fi
-    # every state dir this run made (hosts booted again included), then RUN
+    # every state dir this run made (hosts booted again included), all at
+    # once (each halt waits for its app's drain_delay), then RUN
     owner="$$ $(pid_starttime $$)"
+    local tds=()
     for d in "$STATE_BASE/$STATE_PREFIX"*; do
         [ -d "$d" ] && [ "$d" != "${RUN:-}" ] && [ "$(cat "$d/owner" 2>/dev/null)" = "$owner" ] || continue
-        teardown "$d" || { log "teardown of $d incomplete"; [ "$rc" = 0 ] && rc=2; }
+        teardown "$d" & tds+=($!)
+    done
+    for p in "${tds[@]}"; do
+        wait "$p" || { log "a teardown was incomplete (see above)"; [ "$rc" = 0 ] && rc=2; }
     done
     [ -n "${RUN:-}" ] && [ -d "$RUN" ] && rm -rf --one-file-system "$RUN"
     log "fleet torn down in $(( $(now_ms) - t0 )) ms"
@@ -507,6 +518,10 @@ main() {
 run_all() {
     local t_all i
     t_all=$(now_ms)
+    # The release under test, kept apart from target/ (the upgrade check
+    # builds the next one there); a host booted later gets the current one.
+    cp "$BIN" "$RUN/app-old" || die "cannot copy $BIN"
+    BIN=$RUN/app-old
     for i in $(seq 1 "$HOSTS"); do boot_host "$i"; done
     start_haproxy
     run_check balance   "every host in rotation and served; >= $MIN_RATE req/s through HAProxy"     check_balance

@@ -280,6 +280,9 @@ boot_sandbox() {
                 --resolv-conf=off --timezone=off $NSPAWN_NET \
                 -- systemd.unit=basic.target
     ) </dev/null >"$STATE/nspawn.log" 2>&1 &
+    # not our job to wait for: teardown (or a check killing the host) ends it,
+    # and bash would otherwise report "Killed" for it
+    disown $! 2>/dev/null
     for i in $(seq 1 200); do
         tp=$(cat "$STATE/timeout.pid" 2>/dev/null || true)
         for c in $(cat /proc/"$tp"/task/*/children 2>/dev/null); do
