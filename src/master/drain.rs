@@ -163,15 +163,13 @@ impl Master {
         })
     }
 
-    /// For `STATUS=`: the drain, when there is one.
-    pub(super) fn drain_status(&self, now: Instant) -> Option<String> {
+    /// For `STATUS=`: the drain, when there is one. No countdown: the line is sent again
+    /// whenever it changes, and a countdown would change it on every turn of the loop.
+    pub(super) fn drain_status(&self) -> Option<&'static str> {
         let d = self.drain.as_ref()?;
         Some(match d.stop {
-            Some((at, _)) => format!(
-                "draining, stopping in {:.1}s: ",
-                at.saturating_duration_since(now).as_secs_f64()
-            ),
-            None => "drained (app drain): ".to_string(),
+            Some(_) => "draining before the stop: ",
+            None => "drained (app drain): ",
         })
     }
 }

@@ -60,7 +60,7 @@ impl Master {
             Phase::Rolling(_) => "reloading: ",
             _ => "",
         };
-        let drain = self.drain_status(now).unwrap_or_default();
+        let drain = self.drain_status().unwrap_or_default();
         let mut line = format!(
             "{drain}{phase}{}/{} workers serving, generation {}, {} requests, {} restarts in {}s",
             self.pool.serving(),
