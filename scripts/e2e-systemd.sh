@@ -68,7 +68,7 @@ on_exit() {
         wait "$RUNNER" 2>/dev/null   # (and no "Killed" message from bash)
     fi
     local passed=0 failed=0 total
-    [ -n "${STATE:-}" ] && read -r passed failed < "$STATE/counts" 2>/dev/null
+    [ -n "${STATE:-}" ] && read -r passed failed 2>/dev/null < "$STATE/counts"
     if [ -n "${STATE:-}" ] && [ -d "$STATE" ]; then
         t0=$(now_ms)
         [ -n "${REAPER:-}" ] && kill "$REAPER" 2>/dev/null

@@ -454,10 +454,10 @@ on_exit() {
     fi
     t0=$(now_ms)
     if [ -n "${RUN:-}" ] && [ -d "$RUN" ]; then
-        read -r passed failed < "$RUN/counts" 2>/dev/null
+        read -r passed failed 2>/dev/null < "$RUN/counts"
         while read -r p s; do
             [ -n "$p" ] && [ "$(pid_starttime "$p")" = "$s" ] && kill -KILL "$p" 2>/dev/null
-        done < "$RUN/extra-pids" 2>/dev/null
+        done 2>/dev/null < "$RUN/extra-pids"
     fi
     # every state dir this run made (hosts booted again included), all at
     # once (each halt waits for its app's drain_delay), then RUN

@@ -150,10 +150,10 @@ sandbox_reap() {
     [ -d "$st" ] || return 0
     t0=$(now_ms)
     # the script's child that runs the checks would go on poking the sandbox
-    read -r rp rst < "$st/runner" 2>/dev/null && [ "$(pid_starttime "$rp")" = "$rst" ] && kill -KILL "$rp" 2>/dev/null
+    read -r rp rst 2>/dev/null < "$st/runner" && [ "$(pid_starttime "$rp")" = "$rst" ] && kill -KILL "$rp" 2>/dev/null
     while read -r p s; do
         [ -n "$p" ] && [ "$(pid_starttime "$p")" = "$s" ] && kill -KILL "$p" 2>/dev/null
-    done < "$st/extra-pids" 2>/dev/null
+    done 2>/dev/null < "$st/extra-pids"
     teardown "$st" && log "reaper: the script died; sandbox $(sandbox_name "$st") torn down in $(( $(now_ms) - t0 )) ms"
     return 0
 }
