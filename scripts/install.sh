@@ -202,6 +202,8 @@ do_uninstall() {
         # stop the socket too, or the next connection would start the service again
         systemctl disable --now app.socket app.service >/dev/null 2>&1 || true
         systemctl stop app.service app.socket >/dev/null 2>&1 || true
+        # the service's other sockets, whose units are about to be removed
+        systemctl stop app-metrics.socket app-agent.socket >/dev/null 2>&1 || true
         say "stopped and disabled app.socket app.service"
     fi
     for u in "${UNITS[@]}"; do remove_file "$DESTDIR$UNITDIR/$u"; done
