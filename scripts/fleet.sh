@@ -27,8 +27,10 @@
 #             the ms from the first host to the last
 #
 # Every address is in 127.0.0.0/8 and all traffic goes to loopback. Ends with
-# "fleet: N passed, M failed"; exit 0 if all passed, 1 if any failed, 2 if the
-# fleet could not be set up. Everything is torn down on exit, on SIGINT/SIGTERM
+# "fleet: N passed, M failed"; exit 0 if all passed, 1 if any failed, 64
+# (EX_USAGE) for a bad argument or FLEET_* value, 77 (EX_NOPERM) when not run
+# as root, 69 (EX_UNAVAILABLE) if the fleet could not be set up (a tool, a
+# port, a boot or an install). Everything is torn down on exit, on SIGINT/SIGTERM
 # and - by detached reapers - if this script is SIGKILLed.
 #
 # Usage: sudo scripts/fleet.sh
@@ -77,7 +79,8 @@ EXTRA_TOOLS=(haproxy:haproxy wrk:wrk)
 
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 log() { printf '[fleet] %s\n' "$*" >&2; }
-die() { printf '[fleet] ERROR: %s\n' "$*" >&2; exit 2; }
+die() { printf '[fleet] ERROR: %s\n' "$*" >&2; exit 69; }
+usage() { printf '[fleet] ERROR: %s\n' "$*" >&2; exit 64; }
 
 . "$SRC/scripts/lib/sandbox.sh"
 
@@ -468,7 +471,7 @@ on_exit() {
         teardown "$d" & tds+=($!)
     done
     for p in "${tds[@]}"; do
-        wait "$p" || { log "a teardown was incomplete (see above)"; [ "$rc" = 0 ] && rc=2; }
+        wait "$p" || { log "a teardown was incomplete (see above)"; [ "$rc" = 0 ] && rc=69; }
     done
     [ -n "${RUN:-}" ] && [ -d "$RUN" ] && rm -rf --one-file-system "$RUN"
     log "fleet torn down in $(( $(now_ms) - t0 )) ms"
@@ -487,15 +490,18 @@ main() {
         -h|--help) sed -n '2,/^set -uo/p' "$SELF" | grep -v -e '^set ' -e 'shellcheck' -e '^# Intentional' |
                        sed 's/^# \{0,1\}//'; exit 0 ;;
         "") ;;
-        *) die "unknown argument '$1' (see --help; configuration is by environment variables)" ;;
+        *) usage "unknown argument '$1' (see --help; configuration is by environment variables)" ;;
     esac
-    [ "$(id -u)" = 0 ] || die "must run as root (mounts, namespaces, cgroups): sudo $0"
-    case "$HOSTS" in [1-9]) ;; *) die "FLEET_HOSTS must be 1-9 (127.0.0.11 .. 127.0.0.19)" ;; esac
-    case "$PORT" in [1-9][0-9][0-9]|[1-9][0-9][0-9][0-9]|[1-5][0-9][0-9][0-9][0-9]) ;; *) die "FLEET_PORT must be 100-59999" ;; esac
+    case "$HOSTS" in [1-9]) ;; *) usage "FLEET_HOSTS must be 1-9 (127.0.0.11 .. 127.0.0.19)" ;; esac
+    case "$PORT" in [1-9][0-9][0-9]|[1-9][0-9][0-9][0-9]|[1-5][0-9][0-9][0-9][0-9]) ;; *) usage "FLEET_PORT must be 100-59999" ;; esac
     local c
     for c in $CHECKS; do
-        case " $ALL_CHECKS " in *" $c "*) ;; *) die "unknown check '$c' (known: $ALL_CHECKS)" ;; esac
+        case " $ALL_CHECKS " in *" $c "*) ;; *) usage "unknown check '$c' (known: $ALL_CHECKS)" ;; esac
     done
+    for c in "$CONNS" "$DELAY_MS" "$MIN_RATE"; do
+        case "$c" in ''|*[!0-9]*) usage "FLEET_CONNS, FLEET_DELAY_MS and FLEET_MIN_RATE must be numbers" ;; esac
+    done
+    [ "$(id -u)" = 0 ] || { printf '[fleet] ERROR: must run as root (mounts, namespaces, cgroups): sudo %s\n' "$0" >&2; exit 77; }
     ensure_tools
     find_binary
     cleanup_stale
