@@ -66,6 +66,8 @@ impl Master {
         let at = (d.since + delay).max(now);
         d.stop = Some((at, why));
         let left = at.saturating_duration_since(now);
+        // Probes answer "draining" before anyone is told that the stop began.
+        self.publish_readiness();
         info!(
             "{why}: draining for {:.1}s before stopping (the readiness endpoint answers 503, every request is still served)",
             left.as_secs_f64()
@@ -74,7 +76,6 @@ impl Master {
             "stopping ({why}): draining for {:.1}s, still serving",
             left.as_secs_f64()
         ));
-        self.publish_readiness();
     }
 
     /// The end of a stop's drain delay.

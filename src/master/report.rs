@@ -26,6 +26,8 @@ impl Master {
                 self.pool.slots.len(),
                 now.duration_since(self.started).as_secs_f64() * 1e3
             );
+            // Probes answer "ready" by the time systemd (and a test) hears READY=1.
+            self.publish_readiness();
             self.notifier.ready(&status);
             if let Some(queued) = self.reload_queue.take() {
                 self.begin_rollover(queued);
