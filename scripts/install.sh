@@ -46,7 +46,7 @@ DOCS=1
 # The paths the unit files in systemd/ are written for.
 DEFAULT_BIN=/usr/local/bin/app
 DEFAULT_CONFIG=/etc/app/app.toml
-UNITS=(app.socket app-metrics.socket app.service)
+UNITS=(app.socket app-metrics.socket app-agent.socket app.service)
 
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -202,6 +202,8 @@ do_uninstall() {
         # stop the socket too, or the next connection would start the service again
         systemctl disable --now app.socket app.service >/dev/null 2>&1 || true
         systemctl stop app.service app.socket >/dev/null 2>&1 || true
+        # the service's other sockets, whose units are about to be removed
+        systemctl stop app-metrics.socket app-agent.socket >/dev/null 2>&1 || true
         say "stopped and disabled app.socket app.service"
     fi
     for u in "${UNITS[@]}"; do remove_file "$DESTDIR$UNITDIR/$u"; done

@@ -51,7 +51,7 @@ fi
 rm -rf "$PKG"
 mkdir -p "$PKG/systemd" "$PKG/man" "$PKG/completions"
 # The units in systemd/ are written for install.sh's /usr/local/bin/app.
-for u in app.service app.socket app-metrics.socket; do
+for u in app.service app.socket app-metrics.socket app-agent.socket; do
     sed -e 's|/usr/local/bin/app|/usr/bin/app|g' "$SRC/systemd/$u" > "$PKG/systemd/$u"
 done
 grep -q '^ExecStart=/usr/bin/app ' "$PKG/systemd/app.service" || die "ExecStart= not rewritten to /usr/bin/app"

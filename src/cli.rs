@@ -1,5 +1,5 @@
 //! The command line: `serve` (the master), `check` (the configuration, without a master),
-//! the operator's clients `status`, `reload` and `scale`, and `completions` / `man`
+//! the operator's clients `status`, `reload`, `scale`, `drain` and `undrain`, and `completions` / `man`
 //! (generated from these definitions, see `manual`).
 //!
 //! [`crate::Server::main`] parses it for a program that has no command line of its own. A
@@ -36,6 +36,11 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Ask the running master for a graceful rollover and wait until it is done.
     Reload(ClientArgs),
+    /// Take this host out of a load balancer's rotation: the readiness endpoint answers 503
+    /// and the agent-check `drain`, while every request is still served, until `undrain`.
+    Drain(ClientArgs),
+    /// Reverse `app drain`: ready again (once every worker serves).
+    Undrain(ClientArgs),
     /// Show the running pool.
     Status {
         /// How to reach the master.
@@ -155,6 +160,25 @@ pub fn reload(c: ClientArgs) -> i32 {
     match ask(&c, control::Request::Reload, "reload") {
         Ok(r) => {
             println!("{}", r.message.unwrap_or_else(|| "reloaded".into()));
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+/// `app drain` / `app undrain`: the master's answer, exit 0; 1 when refused.
+pub fn drain(c: ClientArgs, on: bool) -> i32 {
+    let (request, what) = if on {
+        (control::Request::Drain, "drain")
+    } else {
+        (control::Request::Undrain, "undrain")
+    };
+    match ask(&c, request, what) {
+        Ok(r) => {
+            println!(
+                "{}",
+                control::printable(&r.message.unwrap_or_else(|| what.into()))
+            );
             exit::OK
         }
         Err(code) => code,

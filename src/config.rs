@@ -21,6 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::exit::Fatal;
 
+/// `[http] ready_path` unless configured: under `.well-known/` (RFC 8615) so that it does
+/// not take a path a service is likely to use.
+pub const DEFAULT_READY_PATH: &str = "/.well-known/ready";
+
 /// Validates the `[service]` table through the user's settings type (see
 /// [`crate::Settings`]); the supervisor itself never names that type.
 pub type SettingsCheck = fn(&toml::Value) -> Result<(), String>;
@@ -140,9 +144,14 @@ pub struct Config {
     pub bind: SocketAddr,
     /// Where to serve the pool's metrics when systemd passes no socket named `metrics`.
     pub metrics: Option<SocketAddr>,
+    /// Where to answer HAProxy's `agent-check` when systemd passes no socket named `agent`.
+    pub agent: Option<SocketAddr>,
     pub log_level: String,
     pub accept: AcceptStrategy,
     pub shutdown_timeout: Duration,
+    /// On a graceful stop, how long the readiness endpoint answers 503 (and the agent
+    /// `drain`) while everything else is still served, before the workers stop accepting.
+    pub drain_delay: Duration,
     pub drain_timeout: Duration,
     pub ready_timeout: Duration,
     pub heartbeat_interval: Duration,
@@ -159,6 +168,9 @@ pub struct Config {
     pub cpu_affinity: CpuAffinity,
     pub numa: NumaPolicy,
     pub http: HttpLimits,
+    /// `[http] ready_path`: the path the worker layer answers with the pool's readiness;
+    /// `None` when set to `""` (off).
+    pub ready_path: Option<String>,
     /// The `[service]` table as written (an empty table when absent), checked by the
     /// user's settings type and handed to every worker.
     pub service: toml::Value,
@@ -183,6 +195,10 @@ pub struct ServeArgs {
     /// served by the workers); under systemd, a socket named `metrics` does the same.
     #[arg(long, env = "APP_METRICS", value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Answer HAProxy's agent-check (`ready`, `drain`, `maint`) on ADDR; under systemd, a
+    /// socket named `agent` does the same.
+    #[arg(long, env = "APP_AGENT", value_name = "ADDR")]
+    pub agent: Option<SocketAddr>,
     /// Log level or filter (RUST_LOG syntax) [default: info; RUST_LOG also works].
     #[arg(long, env = "APP_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -192,6 +208,9 @@ pub struct ServeArgs {
     /// Grace period for in-flight requests on stop [default: 30s].
     #[arg(long, env = "APP_SHUTDOWN_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
     pub shutdown_timeout: Option<Duration>,
+    /// On stop, answer the readiness endpoint with 503 for this long before draining [default: 0s].
+    #[arg(long, env = "APP_DRAIN_DELAY", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_delay: Option<Duration>,
     /// Grace period for a retiring worker's in-flight requests [default: 5s].
     #[arg(long, env = "APP_DRAIN_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: Option<Duration>,
@@ -246,9 +265,11 @@ struct FileConfig {
     workers: Option<usize>,
     bind: Option<String>,
     metrics: Option<String>,
+    agent: Option<String>,
     log_level: Option<String>,
     accept: Option<AcceptStrategy>,
     shutdown_timeout: Option<String>,
+    drain_delay: Option<String>,
     drain_timeout: Option<String>,
     ready_timeout: Option<String>,
     heartbeat_interval: Option<String>,
@@ -317,6 +338,7 @@ struct FileHttp {
     send_timeout: Option<String>,
     access_log: Option<bool>,
     access_log_sample: Option<f64>,
+    ready_path: Option<String>,
 }
 
 /// A size written either as a number of bytes or as a string with a unit ("64KiB").
@@ -459,6 +481,19 @@ impl Config {
                 })?),
                 (None, None) => None,
             };
+        let agent = match (&args.agent, &f.agent) {
+            (Some(m), _) => Some(*m),
+            (None, Some(s)) => Some(
+                s.parse()
+                    .map_err(|e| invalid("agent", format!("{s:?} is not an address:port ({e})")))?,
+            ),
+            (None, None) => None,
+        };
+        let ready_path = match f.http.ready_path.as_deref() {
+            None => Some(DEFAULT_READY_PATH.to_string()),
+            Some("") => None,
+            Some(p) => Some(p.to_string()),
+        };
         let http = HttpLimits {
             header_read_timeout: file_duration(
                 &f.http.header_read_timeout,
@@ -513,6 +548,7 @@ impl Config {
             workers: args.workers.or(f.workers).unwrap_or(default_workers),
             bind,
             metrics,
+            agent,
             log_level: args
                 .log_level
                 .clone()
@@ -525,6 +561,7 @@ impl Config {
                 "shutdown_timeout",
                 30_000,
             )?,
+            drain_delay: pick(args.drain_delay, &f.drain_delay, "drain_delay", 0)?,
             drain_timeout: pick(args.drain_timeout, &f.drain_timeout, "drain_timeout", 5_000)?,
             ready_timeout: pick(
                 args.ready_timeout,
@@ -559,6 +596,7 @@ impl Config {
             cpu_affinity,
             numa: args.numa.or(f.numa).unwrap_or_default(),
             http,
+            ready_path,
             service: toml::Value::Table(f.service.unwrap_or_default()),
             tls: f.tls.as_ref().map(FileTls::check).transpose()?,
         };
@@ -598,6 +636,7 @@ impl Config {
             ("heartbeat_interval", self.heartbeat_interval),
             ("min_uptime", self.min_uptime),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("drain_delay", self.drain_delay),
             ("drain_timeout", self.drain_timeout),
             ("ready_timeout", self.ready_timeout),
             ("restart_window", self.restart_window),
@@ -676,6 +715,19 @@ impl Config {
                 self.http.max_pending_body_bytes
             ),
         )?;
+        if let Some(p) = &self.ready_path {
+            // Compared with the request's path as is: no query, nothing to normalise.
+            check(
+                p.starts_with('/')
+                    && p.len() <= 256
+                    && !p.contains(['?', '#'])
+                    && p.bytes().all(|b| b.is_ascii_graphic()),
+                "http.ready_path",
+                format!(
+                    "must be \"\" (off) or a path starting with / of at most 256 printable ASCII characters, without ? or # (got {p:?})"
+                ),
+            )?;
+        }
         check(
             self.max_memory == 0 || self.max_memory >= 1 << 20,
             "max_memory",
@@ -727,7 +779,9 @@ impl Config {
             ("bind", f.bind.is_some()),
             ("log_level", f.log_level.is_some()),
             ("accept", f.accept.is_some()),
+            ("agent", f.agent.is_some()),
             ("shutdown_timeout", f.shutdown_timeout.is_some()),
+            ("drain_delay", f.drain_delay.is_some()),
             ("drain_timeout", f.drain_timeout.is_some()),
             ("ready_timeout", f.ready_timeout.is_some()),
             ("heartbeat_interval", f.heartbeat_interval.is_some()),
@@ -753,6 +807,7 @@ impl Config {
             ),
             ("http.send_timeout", h.send_timeout.is_some()),
             ("http.max_connections", h.max_connections.is_some()),
+            ("http.ready_path", h.ready_path.is_some()),
             ("service", f.service.is_some()),
         ];
         let a = args;
@@ -761,7 +816,9 @@ impl Config {
             ("bind", a.bind.is_some()),
             ("log_level", a.log_level.is_some()),
             ("accept", a.accept.is_some()),
+            ("agent", a.agent.is_some()),
             ("shutdown_timeout", a.shutdown_timeout.is_some()),
+            ("drain_delay", a.drain_delay.is_some()),
             ("drain_timeout", a.drain_timeout.is_some()),
             ("ready_timeout", a.ready_timeout.is_some()),
             ("heartbeat_interval", a.heartbeat_interval.is_some()),
@@ -805,7 +862,9 @@ impl Config {
             ("bind", json!(c.bind.to_string())),
             ("log_level", json!(c.log_level)),
             ("accept", json!(c.accept)),
+            ("agent", json!(c.agent.map(|a| a.to_string()))),
             ("shutdown_timeout", d(c.shutdown_timeout)),
+            ("drain_delay", d(c.drain_delay)),
             ("drain_timeout", d(c.drain_timeout)),
             ("ready_timeout", d(c.ready_timeout)),
             ("heartbeat_interval", d(c.heartbeat_interval)),
@@ -831,6 +890,10 @@ impl Config {
             ),
             ("http.send_timeout", d(c.http.send_timeout)),
             ("http.max_connections", json!(c.http.max_connections)),
+            (
+                "http.ready_path",
+                json!(c.ready_path.as_deref().unwrap_or("")),
+            ),
             (
                 "service",
                 serde_json::to_value(&c.service).unwrap_or(serde_json::Value::Null),
@@ -936,14 +999,17 @@ mod tests {
         }
     }
 
-    /// The shipped `systemd/app.toml` documents the defaults without setting any: it parses,
-    /// and uncommenting every `# key = value` line gives the same configuration as no file
-    /// at all. (`workers` and `control_socket` are examples: their defaults depend on the
+    /// The shipped `systemd/app.toml` documents the defaults and sets only `drain_delay`
+    /// (a stop under systemd first leaves the load balancer): it parses, and uncommenting
+    /// every `# key = value` line gives the same configuration as no file at all but for
+    /// that key. (`workers` and `control_socket` are examples: their defaults depend on the
     /// machine and the environment.)
     #[test]
     fn shipped_config_documents_the_defaults() {
         let shipped = include_str!("../systemd/app.toml");
-        let defaults = from_text("", 2).unwrap();
+        let mut defaults = from_text("", 2).unwrap();
+        assert_eq!(defaults.drain_delay, Duration::ZERO);
+        defaults.drain_delay = Duration::from_secs(3);
         assert_eq!(from_text(shipped, 2).unwrap(), defaults);
         let mut uncommented = 0;
         let text: String = shipped

@@ -106,11 +106,13 @@ proptest! {
 fn control_parse(bytes: &[u8]) {
     let line = String::from_utf8_lossy(bytes);
     if let Ok(r) = control::parse_request(&line) {
-        // Only the three commands exist, and only in their exact form.
+        // Only these commands exist, and only in their exact form.
         let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
         match r {
             control::Request::Status => assert_eq!(v, serde_json::json!({ "cmd": "status" })),
             control::Request::Reload => assert_eq!(v, serde_json::json!({ "cmd": "reload" })),
+            control::Request::Drain => assert_eq!(v, serde_json::json!({ "cmd": "drain" })),
+            control::Request::Undrain => assert_eq!(v, serde_json::json!({ "cmd": "undrain" })),
             control::Request::Scale { to, by } => {
                 assert_eq!(v["cmd"], "scale");
                 assert_eq!(to.is_some(), by.is_none());

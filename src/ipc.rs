@@ -49,6 +49,11 @@ pub struct WorkerSetup {
     /// on one resumes on any.
     #[serde(default)]
     pub tls_tickets: Option<crate::tls::TicketKey>,
+    /// `[http] ready_path`, when on. Absent from a master older than the readiness
+    /// endpoint (a binary upgrade runs new workers under the old master until a restart):
+    /// such a master publishes no readiness, so its workers do not answer the path.
+    #[serde(default)]
+    pub ready_path: Option<String>,
 }
 
 /// Master → worker.

@@ -14,6 +14,15 @@
 //! assigns indexes (lowest free first) and releases a dead worker's entry when it reaps it.
 //! The page's last word is how many entries have ever been in use, so the check a worker
 //! makes before every accept reads a handful of entries, not the whole page.
+//!
+//! The word before it is the pool's [`Readiness`], which the master writes and every worker
+//! reads when a load balancer asks (the `[http] ready_path` endpoint and the `agent` socket,
+//! see [`crate::worker`]). It lives here rather than in an IPC message because every worker,
+//! of every generation and however young, already maps this page before it serves its first
+//! request: a worker started a millisecond after a drain began can never answer "ready" from
+//! a stale copy, and the master changes one word instead of messaging every worker (and
+//! waiting for their answers) on each transition. One relaxed store is enough: a load
+//! balancer polls, so a probe that races the flip just sees the new state on the next one.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,11 +31,53 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub const MAX_WORKERS: usize = 1024;
 /// Entries on the board, and so the most workers (of all generations) alive at once: two
 /// full generations of the largest pool (a reload starts the new one beside the old), plus
-/// room for workers still draining from before. The page is 16 KiB.
+/// room for workers still draining from before. The page is 16 KiB. The metrics page keeps
+/// one area per entry, so this number is part of the layout a master shares with workers of
+/// another build (after a binary upgrade): it does not change.
 pub const ENTRIES: usize = 4095;
+/// Entries given to workers: the last one holds the pool's [`Readiness`] instead (an entry
+/// no master ever reached: it takes 4095 live workers).
+const ASSIGNABLE: usize = ENTRIES - 1;
+const READINESS: usize = ASSIGNABLE;
 /// The word after the entries: how many entries have ever been assigned.
 const IN_USE: usize = ENTRIES;
 const BYTES: usize = (ENTRIES + 1) * std::mem::size_of::<AtomicU32>();
+
+/// Whether the pool wants new traffic, as a load balancer is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Readiness {
+    /// The first generation is still starting (no `READY=1` yet). A fresh board reads so.
+    #[default]
+    Starting = 0,
+    /// Every worker of the first generation served, and nobody asked for a drain.
+    Ready = 1,
+    /// `app drain`, or the `drain_delay` before a stop: still serving everything, but the
+    /// load balancer should send its new requests elsewhere.
+    Draining = 2,
+    /// The workers stop accepting and finish what they have.
+    Stopping = 3,
+}
+
+impl Readiness {
+    fn from_word(v: u32) -> Readiness {
+        match v {
+            1 => Readiness::Ready,
+            2 => Readiness::Draining,
+            3 => Readiness::Stopping,
+            _ => Readiness::Starting,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Readiness::Starting => "starting",
+            Readiness::Ready => "ready",
+            Readiness::Draining => "draining",
+            Readiness::Stopping => "stopping",
+        }
+    }
+}
 
 pub struct LoadBoard {
     fd: OwnedFd,
@@ -94,9 +145,18 @@ impl LoadBoard {
         self.entry(i).store(v, Ordering::Relaxed);
     }
 
+    /// Publishes the pool's readiness (master).
+    pub fn set_readiness(&self, r: Readiness) {
+        self.entry(READINESS).store(r as u32, Ordering::Relaxed);
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        Readiness::from_word(self.entry(READINESS).load(Ordering::Relaxed))
+    }
+
     /// Gives out the lowest free entry, cleared (master).
     pub fn assign(&mut self) -> Option<usize> {
-        let i = (0..ENTRIES).find(|i| !self.assigned.contains(i))?;
+        let i = (0..ASSIGNABLE).find(|i| !self.assigned.contains(i))?;
         self.assigned.insert(i);
         self.entry(i).store(0, Ordering::Relaxed);
         self.entry(IN_USE)
@@ -112,7 +172,7 @@ impl LoadBoard {
 
     /// Connections of the least-loaded live worker other than `i`.
     pub fn least_other(&self, i: usize) -> Option<u64> {
-        let in_use = (self.entry(IN_USE).load(Ordering::Relaxed) as usize).min(ENTRIES);
+        let in_use = (self.entry(IN_USE).load(Ordering::Relaxed) as usize).min(ASSIGNABLE);
         (0..in_use)
             .filter(|&j| j != i)
             .map(|j| self.entry(j).load(Ordering::Relaxed))
@@ -166,7 +226,7 @@ mod tests {
 
     #[test]
     fn a_reload_of_the_largest_pool_fits_on_the_board() {
-        const { assert!(ENTRIES >= 2 * MAX_WORKERS) };
+        const { assert!(ASSIGNABLE >= 2 * MAX_WORKERS) };
         let mut b = LoadBoard::create().unwrap();
         for i in 0..2 * MAX_WORKERS {
             assert_eq!(b.assign(), Some(i));
@@ -189,6 +249,11 @@ mod tests {
         assert_eq!(b.least_other(0), Some(3));
         assert_eq!(b.least_other(2), Some(5));
         a.release(2);
+        assert_eq!(b.least_other(0), Some(5));
+        assert_eq!(b.readiness(), Readiness::Starting);
+        a.set_readiness(Readiness::Draining);
+        assert_eq!(b.readiness(), Readiness::Draining);
+        // The readiness word is not an entry: no worker looks that busy.
         assert_eq!(b.least_other(0), Some(5));
         // A released entry is given out again, and starts empty.
         a.publish(0, 9);

@@ -204,6 +204,8 @@ impl<S: Settings> Server<S> {
         match command {
             Command::Serve(args) => self.serve(*args),
             Command::Reload(c) => code_of(cli::reload(c)),
+            Command::Drain(c) => code_of(cli::drain(c, true)),
+            Command::Undrain(c) => code_of(cli::drain(c, false)),
             Command::Status {
                 client,
                 json,

@@ -59,7 +59,7 @@ impl TlsSettings {
     pub fn applies_to(&self, name: &str) -> bool {
         match &self.sockets {
             Some(names) => names.iter().any(|n| n == name),
-            None => name != crate::worker::METRICS_SOCKET,
+            None => name != crate::worker::METRICS_SOCKET && name != crate::worker::AGENT_SOCKET,
         }
     }
 

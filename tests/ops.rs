@@ -76,12 +76,14 @@ fn check_validates_and_shows_where_each_value_came_from() {
         assert!(j["error"].as_str().unwrap().contains(key), "{text}: {j}");
     }
 
-    // The shipped file is valid and sets nothing but the (empty) tables.
+    // The shipped file is valid and sets nothing but the (empty) tables and drain_delay.
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/app.toml");
     let (code, j) = check(&["--config", shipped], &[]);
     assert_eq!(code, 0, "{j}");
     for (key, v) in j["settings"].as_object().unwrap() {
-        if key != "service" {
+        if key == "drain_delay" {
+            assert_eq!(v["source"], "file", "{key}: {v}");
+        } else if key != "service" {
             assert_eq!(v["source"], "default", "{key}: {v}");
         }
     }

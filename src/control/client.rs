@@ -59,7 +59,9 @@ pub fn call(
     request: &Request,
 ) -> Result<Reply, (i32, String)> {
     let timeout = timeout.unwrap_or(match request {
-        Request::Status | Request::Scale { .. } => STATUS_TIMEOUT,
+        Request::Status | Request::Scale { .. } | Request::Drain | Request::Undrain => {
+            STATUS_TIMEOUT
+        }
         Request::Reload => RELOAD_TIMEOUT,
     });
     let deadline = Instant::now() + timeout;

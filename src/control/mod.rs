@@ -38,6 +38,9 @@ pub const MAX_REQUEST: usize = 4096;
 pub enum Request {
     Status,
     Reload,
+    /// Answer readiness probes with "draining" until [`Request::Undrain`] (`app drain`).
+    Drain,
+    Undrain,
     /// Resize the serving pool now (`app scale N|+N|-N`): exactly one of `to` (an absolute
     /// size) or `by` (a change). Holds until a reload that changes `workers` in the file.
     Scale {
@@ -113,6 +116,22 @@ pub struct StatusReport {
     /// The serving generation's TLS certificate, when `[tls]` is on.
     #[serde(default)]
     pub tls: Option<TlsReport>,
+    /// What the readiness endpoint and the agent-check say.
+    #[serde(default)]
+    pub readiness: crate::loadboard::Readiness,
+    /// The drain under way (`app drain`, or a stop's `drain_delay`).
+    #[serde(default)]
+    pub drain: Option<DrainReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DrainReport {
+    /// Asked for with `app drain` (lasts until `app undrain`).
+    pub manual: bool,
+    /// How long it has lasted.
+    pub secs: f64,
+    /// A stop waits for the end of the drain delay: how long until it begins.
+    pub stop_in_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -324,6 +343,8 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     match (wire.cmd.as_str(), wire.to, wire.by) {
         ("status", None, None) => Ok(Request::Status),
         ("reload", None, None) => Ok(Request::Reload),
+        ("drain", None, None) => Ok(Request::Drain),
+        ("undrain", None, None) => Ok(Request::Undrain),
         ("scale", Some(to), None) => Ok(Request::Scale {
             to: Some(to),
             by: None,
@@ -333,9 +354,11 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             by: Some(by),
         }),
         ("scale", _, _) => Err("bad request: scale takes exactly one of \"to\" or \"by\"".into()),
-        ("status" | "reload", _, _) => Err(format!("bad request: {} takes no arguments", wire.cmd)),
+        ("status" | "reload" | "drain" | "undrain", _, _) => {
+            Err(format!("bad request: {} takes no arguments", wire.cmd))
+        }
         (other, _, _) => Err(format!(
-            "bad request: unknown command {other:?} (expected status, reload or scale)"
+            "bad request: unknown command {other:?} (expected status, reload, scale, drain or undrain)"
         )),
     }
 }
@@ -386,6 +409,19 @@ pub fn render_table(s: &StatusReport) -> String {
         s.restart_window_secs
     );
     let _ = writeln!(out, "listening on {}", s.listeners.join(", "));
+    let _ = match &s.drain {
+        None => writeln!(out, "readiness {}", s.readiness.as_str()),
+        Some(d) => writeln!(
+            out,
+            "readiness {} for {}{}{}",
+            s.readiness.as_str(),
+            human_secs(d.secs),
+            if d.manual { " (app drain)" } else { "" },
+            d.stop_in_secs
+                .map(|t| format!(", stop begins in {}", human_secs(t)))
+                .unwrap_or_default()
+        ),
+    };
     if !s.version.is_empty() {
         let _ = writeln!(out, "master version {}", s.version);
     }
@@ -515,6 +551,9 @@ mod tests {
     fn parses_requests_and_rejects_garbage() {
         assert_eq!(parse_request("{\"cmd\":\"status\"}\n"), Ok(Request::Status));
         assert_eq!(parse_request("{\"cmd\":\"reload\"}"), Ok(Request::Reload));
+        assert_eq!(parse_request("{\"cmd\":\"drain\"}"), Ok(Request::Drain));
+        assert_eq!(parse_request("{\"cmd\":\"undrain\"}"), Ok(Request::Undrain));
+        assert!(parse_request("{\"cmd\":\"drain\",\"to\":1}").is_err());
         assert_eq!(
             parse_request("{\"cmd\":\"scale\",\"to\":3}"),
             Ok(Request::Scale {

@@ -44,6 +44,7 @@ pub mod affinity;
 mod balance;
 pub mod budget;
 mod dispatch;
+mod drain;
 pub mod memory;
 mod metrics;
 mod numa;
@@ -191,6 +192,8 @@ pub struct Master {
     balance: balance::Balance,
     /// NUMA nodes, for `numa`.
     numa: numa::Topology,
+    /// `app drain`, or a stop's `drain_delay`: the pool answers "draining" to probes.
+    drain: Option<drain::Drain>,
 }
 
 /// Why the loop woke.
@@ -278,6 +281,7 @@ impl Master {
             restart_needed: Vec::new(),
             metrics,
             interval: Default::default(),
+            drain: None,
         })
     }
 
@@ -334,7 +338,7 @@ impl Master {
             match wake {
                 Wake::Child => {}
                 Wake::Tick => self.ratchet_ticket_keys(),
-                Wake::Stop(why, fast) => self.stop(why, fast),
+                Wake::Stop(why, fast) => self.request_stop(why, fast),
                 Wake::Reload => self.request_reload(None),
                 Wake::Scale(d) => self.scale(d),
                 Wake::Channel(ev) => {
@@ -354,6 +358,7 @@ impl Master {
             self.balance_affinity(now);
             self.advance_rollover(now);
             self.spawn_to_target(now);
+            self.advance_drain(now);
             if let Some(code) = self.advance_stop(now) {
                 control::remove_own_socket();
                 return code;
@@ -493,6 +498,12 @@ impl Master {
                 });
             }
             Request::Reload => self.request_reload(Some(req.reply)),
+            Request::Drain => {
+                let _ = req.reply.send(self.drain_request());
+            }
+            Request::Undrain => {
+                let _ = req.reply.send(self.undrain_request());
+            }
             Request::Scale { to, by } => {
                 let old = self.pool.slots.len() as i64;
                 let new = match (to, by) {
@@ -1017,6 +1028,7 @@ impl Master {
             crash_on_boot: config.chaos_boot_crash,
             tls: config.tls.clone(),
             tls_tickets,
+            ready_path: config.ready_path.clone(),
         };
         let tx = self.attach_channel(pid, spawned.channel, &ToWorker::Setup(Box::new(setup)))?;
         let handoff = Arc::new(spawned.handoff);
@@ -1135,6 +1147,13 @@ impl Master {
                     let _ = r.send(Reply::error("the service is shutting down"));
                 }
             }
+            _ if self.stop_pending() => {
+                if let Some(r) = reply {
+                    let _ = r.send(Reply::error(
+                        "the service is shutting down (draining before the stop)",
+                    ));
+                }
+            }
             Phase::Serving => self.begin_rollover(reply.into_iter().collect()),
             Phase::Booting | Phase::Rolling(_) => {
                 info!("reload requested while busy: it will follow the current one");
@@ -1198,9 +1217,19 @@ pub fn serve(
         l.name = metrics_name.to_string();
         listeners.push(l);
     }
+    // HAProxy's agent-check: systemd's socket named `agent`, else `--agent ADDR`.
+    let agent_name = crate::worker::AGENT_SOCKET;
+    if let Some(addr) = config.agent
+        && !listeners.iter().any(|l| l.name == agent_name)
+    {
+        let mut l = crate::listen::bind_tcp(addr)?;
+        l.name = agent_name.to_string();
+        listeners.push(l);
+    }
     for (i, l) in listeners.iter().enumerate() {
-        // The library serves `metrics` itself unless the program registers a handler.
-        if l.name == metrics_name {
+        // The library serves `metrics` and `agent` itself unless the program registers a
+        // handler.
+        if l.name == metrics_name || l.name == agent_name {
             continue;
         }
         if !handlers.default && !handlers.named.contains(&l.name) {

@@ -26,6 +26,8 @@ impl Master {
                 self.pool.slots.len(),
                 now.duration_since(self.started).as_secs_f64() * 1e3
             );
+            // Probes answer "ready" by the time systemd (and a test) hears READY=1.
+            self.publish_readiness();
             self.notifier.ready(&status);
             if let Some(queued) = self.reload_queue.take() {
                 self.begin_rollover(queued);
@@ -34,6 +36,7 @@ impl Master {
             let status = self.status_line(now);
             self.notifier.status(&status);
         }
+        self.publish_readiness();
         if let Some(period) = self.notifier.watchdog()
             && now >= self.next_watchdog
             && self.pool_is_healthy(now)
@@ -59,8 +62,9 @@ impl Master {
             Phase::Rolling(_) => "reloading: ",
             _ => "",
         };
+        let drain = self.drain_status().unwrap_or_default();
         let mut line = format!(
-            "{phase}{}/{} workers serving, generation {}, {} requests, {} restarts in {}s",
+            "{drain}{phase}{}/{} workers serving, generation {}, {} requests, {} restarts in {}s",
             self.pool.serving(),
             self.pool.slots.len(),
             self.pool.generation,
@@ -188,6 +192,8 @@ impl Master {
             configured_workers: self.config.workers,
             generations,
             restart_needed: self.restart_needed.clone(),
+            readiness: self.readiness(),
+            drain: self.drain_report(now),
             tls: self.config.tls.as_ref().map(|t| crate::control::TlsReport {
                 serial: t.serial.clone(),
                 days_left: t.days_left(crate::tls::now_unix()),

@@ -34,6 +34,7 @@ impl Master {
                 code: exit::OK,
                 killed: false,
             };
+            self.publish_readiness();
             let timeout = self.config.shutdown_timeout;
             for w in self.pool.workers.values_mut() {
                 w.retire.get_or_insert(Retire::Shutdown);

@@ -34,6 +34,7 @@ struct Snapshot {
     start_time: f64,
     generation: u64,
     tls_not_after: u64,
+    ready: u64,
     target: u64,
     budget_used: u64,
     budget_limit: u64,
@@ -57,6 +58,7 @@ fn read(page: &Page) -> Snapshot {
         start_time: f64::from_bits(g(H_START_TIME)),
         generation: g(H_GENERATION),
         tls_not_after: g(H_TLS_NOT_AFTER),
+        ready: g(H_READY),
         target: g(H_TARGET_WORKERS),
         budget_used: g(H_BUDGET_USED),
         budget_limit: g(H_BUDGET_LIMIT),
@@ -264,6 +266,12 @@ impl Collector for Snapshot {
                 one(self.tls_not_after as f64),
             )?;
         }
+        gauge(
+            e,
+            "app_ready",
+            "1 while the readiness endpoint answers 200; 0 while starting, draining or stopping",
+            one(self.ready as f64),
+        )?;
         gauge(
             e,
             "app_workers_target",

@@ -5,7 +5,7 @@
 //! with the descriptor the board already uses). It holds, in 64-bit words:
 //!
 //! * a header the master writes: the seqlock word, its start time, generation, restart
-//!   budget, reloads and restarts by cause;
+//!   budget, reloads, restarts by cause and whether the pool is ready;
 //! * a directory of the service's own metrics ([`user`]): name, help, kind, buckets and
 //!   where their words are, claimed by whichever worker registers a name first, so every
 //!   worker (of every generation) counts a name into the same words;
@@ -54,6 +54,8 @@ const H_USER_NEXT: usize = 42;
 const H_TARGET_WORKERS: usize = 43;
 /// The serving certificate's end of validity (Unix seconds), 0 without TLS.
 const H_TLS_NOT_AFTER: usize = 44;
+/// 1 while the readiness endpoint answers 200 (see [`crate::master`]'s drain), else 0.
+const H_READY: usize = 45;
 const HEADER_WORDS: usize = 64;
 
 pub const RELOAD_BUCKETS: [f64; 12] = [
@@ -271,6 +273,10 @@ impl Page {
     /// The serving certificate's end of validity (Unix seconds); 0 without TLS.
     pub fn set_tls_not_after(&self, not_after: u64) {
         self.set(H_TLS_NOT_AFTER, not_after);
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.set(H_READY, u64::from(ready));
     }
 
     pub fn set_budget(&self, used: u32, limit: u32, target: usize) {

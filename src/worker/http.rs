@@ -45,6 +45,7 @@ use tracing::{debug, error, info, warn};
 use super::body::RequestBody;
 use super::chaos;
 use super::raw::Connection;
+use super::ready::{self, AGENT_SOCKET};
 use super::routes::{BoxHttp, Handler, ResponseBody, Routes};
 use super::stats::{BodyBudget, ConnGuard, Stats};
 use super::timeouts::{ConnClock, Expired, Watched, now_ns};
@@ -167,12 +168,33 @@ impl Server {
                 .named
                 .insert(METRICS_SOCKET.to_string(), metrics_handler());
         }
-        let measured = setup
+        let builtin_agent = setup.listeners.iter().any(|l| l == AGENT_SOCKET)
+            && !routes.named.contains_key(AGENT_SOCKET);
+        if builtin_agent {
+            routes.named.insert(
+                AGENT_SOCKET.to_string(),
+                ready::agent_handler(stats.clone()),
+            );
+        }
+        // Probes (scrapes, agent checks) are not traffic: not counted, not max_requests.
+        let measured: Vec<bool> = setup
             .listeners
             .iter()
-            .map(|l| !(builtin_metrics && l == METRICS_SOCKET))
+            .map(|l| {
+                let probe = (builtin_metrics && l == METRICS_SOCKET)
+                    || (builtin_agent && l == AGENT_SOCKET);
+                !probe
+            })
             .collect();
         let mut handlers = routes.resolve(&setup.listeners)?;
+        if let Some(path) = &setup.ready_path {
+            let path: Rc<str> = Rc::from(path.as_str());
+            for (h, _) in handlers.iter_mut().zip(&measured).filter(|(_, m)| **m) {
+                if let Handler::Http(svc) = h {
+                    *svc = ready::wrap(svc.clone(), path.clone(), stats.clone());
+                }
+            }
+        }
         if setup.chaos {
             for (h, _) in handlers
                 .iter_mut()

@@ -16,6 +16,7 @@ mod body;
 mod chaos;
 mod http;
 mod raw;
+mod ready;
 pub(crate) mod routes;
 mod stats;
 mod timeouts;
@@ -40,6 +41,7 @@ use crate::shutdown::{self, Shutdown, Stage};
 pub use body::{BodyError, RequestBody};
 pub use http::METRICS_SOCKET;
 pub use raw::Connection;
+pub use ready::AGENT_SOCKET;
 use routes::Routes;
 use stats::Stats;
 

@@ -171,6 +171,16 @@ impl Stats {
             .is_some_and(|least| mine > least + 2 + least / 8)
     }
 
+    /// The pool's readiness as the master last published it; `Starting` (not ready) when
+    /// this worker could not map the board, so a probe never claims more than it knows.
+    pub fn readiness(&self) -> crate::loadboard::Readiness {
+        self.connections
+            .board
+            .as_ref()
+            .map(|(b, _)| b.readiness())
+            .unwrap_or_default()
+    }
+
     pub fn leave(&self, reason: String, planned: bool) {
         let mut l = self.leaving.borrow_mut();
         if l.is_none() {
