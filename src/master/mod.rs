@@ -578,7 +578,6 @@ impl Master {
 
     // ---- the steps of every turn ---------------------------------------------------------
 
-    /// Collects every exited child and decides what its exit means.
     /// A worker that leaves on its own (`Leaving`, e.g. at its request limit) may exit
     /// before its message is read: `biased` takes the signal first, any other wake reaps
     /// too, and a host that descheduled the master delivers everything at once. When a
@@ -599,6 +598,7 @@ impl Master {
         }
     }
 
+    /// Collects every exited child and decides what its exit means.
     fn reap(&mut self, now: Instant) {
         loop {
             let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {

@@ -177,7 +177,6 @@ impl Pool {
         }
     }
 
-    /// The worker holding `slot` in `generation`, if any.
     /// For each slot, whether a worker of `generation` holds it (see [`Pool::holder`]).
     pub fn held_slots(&self, generation: u64) -> Vec<bool> {
         let mut held = vec![false; self.slots.len()];
@@ -189,6 +188,7 @@ impl Pool {
         held
     }
 
+    /// The worker holding `slot` in `generation`, if any.
     pub fn holder(&self, generation: u64, slot: usize) -> Option<&Worker> {
         self.workers
             .values()
