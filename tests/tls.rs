@@ -107,18 +107,24 @@ fn peer_serial(s: &StreamOwned<ClientConnection, TcpStream>) -> String {
 fn tls_get(port: u16, cfg: Arc<ClientConfig>, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = connect(port, cfg)?;
     let serial = peer_serial(&s);
+    Ok((get_and_close(&mut s, path)?, serial))
+}
+
+/// One `GET path` with `Connection: close` on an open TLS stream; the status code.
+fn get_and_close(
+    s: &mut StreamOwned<ClientConnection, TcpStream>,
+    path: &str,
+) -> std::io::Result<u16> {
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )?;
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
-    let code = text
-        .split_whitespace()
+    text.split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no response: {text:?}")))?;
-    Ok((code, serial))
+        .ok_or_else(|| std::io::Error::other(format!("no response: {text:?}")))
 }
 
 /// `app serve` with `toml` as its config in `dir` (holding tls.crt/tls.key), bound by hand;
@@ -219,19 +225,7 @@ fn tls12_and_tls13_handshakes_with_alpn() {
 fn resumed_get(port: u16, cfg: Arc<ClientConfig>) -> (bool, u16) {
     let mut s = connect(port, cfg).unwrap();
     let resumed = s.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    write!(
-        s,
-        "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (resumed, code)
+    (resumed, get_and_close(&mut s, "/").unwrap_or(0))
 }
 
 #[test]
