@@ -57,10 +57,11 @@ impl Master {
         }
         self.balance.next_sample = now + SAMPLE_PERIOD;
         let tasks: Vec<TaskTimes> = self
-            .pool
+            .core
+            .pool()
             .workers
             .values()
-            .filter(|w| w.killed.is_none())
+            .filter(|w| !w.is_killed())
             .filter_map(|w| {
                 let text = std::fs::read_to_string(format!("/proc/{}/schedstat", w.pid)).ok()?;
                 let (run_ns, wait_ns) = affinity::parse_schedstat(&text)?;
@@ -87,7 +88,7 @@ impl Master {
             .and_then(|t| affinity::parse_schedstat(&t))
             .map_or(0, |(run, _)| run);
         let sample = Sample {
-            at: now.duration_since(self.started),
+            at: now.duration_since(self.core.started()),
             cpus,
             tasks,
             own_run_ns,
@@ -113,7 +114,7 @@ impl Master {
                 Decision::Widen { pid, mask, why, .. } => (pid, mask, "widened", why),
                 Decision::Pin { pid, cpu, why } => (pid, vec![cpu], "pinned", why),
             };
-            let Some(w) = self.pool.workers.get_mut(&pid) else {
+            let Some(w) = self.processes.get_mut(&pid) else {
                 continue;
             };
             let list = affinity::format_cpu_list(&mask);

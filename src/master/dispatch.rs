@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use super::pool::WorkerState;
+use super::core::Event;
 use super::{ChannelEvent, Master};
 use crate::handoff;
 use crate::listen::{AsyncListener, Stream};
@@ -292,7 +292,7 @@ impl Master {
         let limit = fd_limit();
         let held = self.conn_budget.held();
         let others = open_fds().map_or(0, |n| n.saturating_sub(held));
-        let reserve = FD_RESERVE + FD_PER_WORKER * 2 * self.pool.slots.len();
+        let reserve = FD_RESERVE + FD_PER_WORKER * 2 * self.core.pool().slots.len();
         let cap = limit
             .saturating_sub(others)
             .saturating_sub(reserve)
@@ -315,9 +315,20 @@ impl Master {
 
     /// Before workers are told to drain: connections already accepted (still queued as
     /// events) go to workers while they still take them, rather than die with the master.
-    pub(super) fn hand_out_accepted(&mut self) {
+    /// Returns the supervision events read on the way, for the core.
+    pub(super) fn hand_out_accepted(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
         while let Ok(ev) = self.channel_rx.try_recv() {
-            self.on_channel(ev);
+            events.extend(self.on_channel(ev));
+        }
+        events
+    }
+
+    /// Each turn: what waits for a worker goes to one if it can.
+    pub(super) fn flush_handoffs(&mut self) {
+        if self.dispatcher.waiting() > 0 {
+            let targets = self.handoff_targets();
+            self.dispatcher.flush(&targets);
         }
     }
 
@@ -355,15 +366,11 @@ impl Master {
 
     /// Workers that may receive connections now, as (pid, hand-off channel).
     pub(super) fn handoff_targets(&self) -> Vec<(i32, std::os::fd::RawFd)> {
-        self.pool
-            .workers
-            .values()
-            .filter(|w| {
-                w.generation == self.pool.generation
-                    && w.state == WorkerState::Ready
-                    && w.holds_slot()
-            })
-            .map(|w| (w.pid, w.handoff.as_raw_fd()))
+        self.core
+            .pool()
+            .serving_workers()
+            .filter_map(|w| self.processes.get(&w.pid))
+            .map(|p| (p.pid, p.handoff.as_raw_fd()))
             .collect()
     }
 

@@ -7,9 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::pool::{Retire, Worker};
-use super::{Master, Phase};
-use crate::metrics::{self, Cause};
+use super::Master;
+use super::core::Count;
+use super::process::Process;
+use crate::metrics;
 
 /// What the master remembers of a worker's histogram at the start of an interval.
 #[derive(Default)]
@@ -19,20 +20,26 @@ pub struct Interval {
 }
 
 impl Master {
-    pub(super) fn metrics_spawned(&self, w: &Worker) {
+    pub(super) fn metrics_spawned(&self, w: &Process) {
         if let Some(p) = &self.metrics {
             p.attach(w.board_index, w.slot, w.pid, w.generation);
         }
     }
 
     /// Called for every reaped worker, before its board entry is given out again.
-    pub(super) fn metrics_reaped(&mut self, w: &Worker) {
+    pub(super) fn metrics_reaped(&mut self, w: &Process) {
         self.interval.prev.remove(&w.pid);
         let Some(p) = &self.metrics else { return };
         // Its CPU time as last sampled (at most one interval old): the process is gone.
         p.fold(w.board_index);
-        if let Some(cause) = cause(w, matches!(self.phase, Phase::Stopping { .. })) {
-            p.count_restart(cause);
+    }
+
+    /// [`crate::master::core::Action::Count`]: a restart by cause, or a reload.
+    pub(super) fn metrics_count(&self, count: Count) {
+        let Some(p) = &self.metrics else { return };
+        match count {
+            Count::Restart(cause) => p.count_restart(cause),
+            Count::Reload { ok, took } => p.count_reload(ok, took),
         }
     }
 }
@@ -44,32 +51,27 @@ pub(super) fn pong(p: &metrics::Page, board_index: usize, rtt: Duration) {
 }
 
 impl Master {
-    pub(super) fn metrics_reload(&self, ok: bool, took: Duration) {
-        if let Some(p) = &self.metrics {
-            p.count_reload(ok, took);
-        }
-    }
-
     /// Every turn: generation and budget; every heartbeat interval: per-worker figures.
     pub(super) fn metrics_turn(&mut self, now: Instant) {
         let Some(p) = &self.metrics else { return };
-        p.set_generation(self.pool.generation);
+        p.set_generation(self.core.pool().generation);
         p.set_tls_not_after(
-            self.config
+            self.core
+                .config()
                 .tls
                 .as_ref()
                 .map_or(0, |t| t.not_after.max(0) as u64),
         );
         p.set_budget(
-            self.budget.used(now),
-            self.budget.limit(),
-            self.pool.slots.len(),
+            self.core.budget_used(now),
+            self.core.budget().limit(),
+            self.core.pool().slots.len(),
         );
         if self.interval.next.is_some_and(|t| now < t) {
             return;
         }
-        self.interval.next = Some(now + self.config.heartbeat_interval);
-        for w in self.pool.workers.values() {
+        self.interval.next = Some(now + self.core.config().heartbeat_interval);
+        for w in self.processes.values() {
             let a = p.live(w.board_index);
             // Read by the memory sweep (about once a second), not read again here.
             if let Some(cpu) = w.rates.cpu_ns() {
@@ -99,7 +101,7 @@ impl Master {
     }
 
     /// (requests/s, p99 in ms) over the last interval, as the endpoint shows them.
-    pub(super) fn metrics_rates(&self, w: &Worker) -> (f64, f64) {
+    pub(super) fn metrics_rates(&self, w: &Process) -> (f64, f64) {
         match &self.metrics {
             Some(p) => {
                 let a = p.live(w.board_index);
@@ -113,23 +115,5 @@ impl Master {
     pub(super) fn metrics_requests_total(&self) -> Option<u64> {
         let p = self.metrics.as_ref()?;
         Some(p.requests_total())
-    }
-}
-
-/// Why a reaped worker is replaced, if it is (not at shutdown, nor a planned scale-down's
-/// last worker).
-fn cause(w: &Worker, stopping: bool) -> Option<Cause> {
-    match &w.retire {
-        Some(Retire::Recycle(why)) if why.contains("memory") => Some(Cause::Memory),
-        Some(Retire::Recycle(_)) => Some(Cause::Requests),
-        Some(Retire::Leaving(_)) => Some(Cause::Panic),
-        Some(Retire::Superseded | Retire::RolledBack) => Some(Cause::Reload),
-        Some(Retire::ScaledDown) => Some(Cause::Scale),
-        Some(Retire::Shutdown) => None,
-        None if stopping => None,
-        None => match &w.killed {
-            Some(why) if why.contains("hung") || why.contains("not ready") => Some(Cause::Hang),
-            _ => Some(Cause::Crash),
-        },
     }
 }

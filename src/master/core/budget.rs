@@ -1,4 +1,5 @@
-//! Restart throttling: a pool-wide [`RestartBudget`] and a per-slot [`Backoff`].
+//! Restart throttling: a pool-wide [`RestartBudget`], a per-slot [`Backoff`], and the
+//! retry delay of starts the host had no resources for.
 //!
 //! The budget stops a restart storm: more than `limit` unplanned restarts within `window`
 //! and the master gives up, so that systemd's `Restart=` and start limits decide what comes
@@ -89,6 +90,19 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.failures = 0;
     }
+}
+
+/// Retry delays for starts that failed for want of a host resource.
+const SPAWN_RETRY_BASE: Duration = Duration::from_millis(100);
+const SPAWN_RETRY_CAP: Duration = Duration::from_secs(5);
+
+/// The delay before retrying a start that failed `failures` times in a row for want of a
+/// host resource: exponential from 100 ms, capped at 5 s, with jitter over the upper half.
+pub fn spawn_retry_delay(failures: u32) -> Duration {
+    let exp = SPAWN_RETRY_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let delay = exp.min(SPAWN_RETRY_CAP);
+    let half = delay / 2;
+    half + half.mul_f64(fastrand::f64())
 }
 
 #[cfg(test)]

@@ -29,37 +29,42 @@
 //! fails loudly — `STATUS=` says why, `app reload` exits non-zero — while still ending with
 //! `READY=1` so the unit leaves "reloading". Reloads never interleave: one requested during
 //! a rollover is queued, and all queued requests share a single follow-up rollover.
+//!
+//! Here are the decisions; the master's shell reads the file and opens the binary when told
+//! ([`Action::Load`]), and starts the workers ([`Action::Spawn`]).
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use super::pool::{Retire, WorkerState};
-use super::spawn::Executable;
-use super::{Master, Phase};
+use super::worker::{Life, Retire, drain_deadline};
+use super::{Action, Count, Notify, Phase, ReplyTo, Supervisor};
 use crate::config::{AcceptStrategy, Config};
 use crate::control::{ReloadReport, Reply};
 
-pub(super) struct Rollover {
+#[derive(Debug)]
+pub struct Rollover {
     pub generation: u64,
     /// Size of the new generation.
     workers: usize,
     /// Keys changed in the file that only a restart applies (kept at their running value).
     restart_needed: Vec<String>,
-    config: Config,
-    exe: Executable,
-    waiters: Vec<oneshot::Sender<Reply>>,
+    /// The new generation's configuration, once loaded and until it is promoted.
+    pub config: Option<Box<Config>>,
+    waiters: Vec<ReplyTo>,
     started: Instant,
     step: Step,
-    /// Set by the reaper when a worker of the new generation exits before it is promoted.
+    /// Set when a worker of the new generation exits, or cannot start, before it is promoted.
     pub failed: Option<String>,
     last_extend: Instant,
     /// Connections of old-generation workers killed while draining (deadline or hung).
     cut: u64,
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Step {
+    /// Waiting for [`super::Event::Loaded`].
+    Loading,
     Starting { deadline: Instant },
     Draining { deadline: Instant },
 }
@@ -69,6 +74,7 @@ impl Rollover {
     pub fn postpone(&mut self, gap: Duration) {
         match &mut self.step {
             Step::Starting { deadline } | Step::Draining { deadline } => *deadline += gap,
+            Step::Loading => {}
         }
     }
 
@@ -81,16 +87,69 @@ impl Rollover {
     }
 }
 
-impl Master {
-    pub(super) fn begin_rollover(&mut self, waiters: Vec<oneshot::Sender<Reply>>) {
-        let now = Instant::now();
-        self.notifier.reloading();
+impl Supervisor {
+    /// SIGHUP or `app reload`: a rollover now, or after the one under way.
+    pub(super) fn request_reload(&mut self, reply: Option<ReplyTo>, now: Instant) {
+        match &self.phase {
+            Phase::Stopping { .. } => {
+                if let Some(r) = reply {
+                    self.out
+                        .push(Action::Reply(r, Reply::error("the service is shutting down")));
+                }
+            }
+            _ if self.stop_pending() => {
+                if let Some(r) = reply {
+                    self.out.push(Action::Reply(
+                        r,
+                        Reply::error("the service is shutting down (draining before the stop)"),
+                    ));
+                }
+            }
+            Phase::Serving => self.begin_rollover(reply.into_iter().collect(), now),
+            Phase::Booting | Phase::Rolling(_) => {
+                info!("reload requested while busy: it will follow the current one");
+                self.reload_queue.get_or_insert_with(Vec::new).extend(reply);
+            }
+        }
+    }
+
+    /// Step 1: `RELOADING=1`, then ask for the configuration and the binary.
+    pub(super) fn begin_rollover(&mut self, waiters: Vec<ReplyTo>, now: Instant) {
+        self.out.push(Action::Notify(Notify::Reloading));
         self.last_generation += 1;
-        let next = self.last_generation;
-        info!("reload: starting generation {next}");
-        let mut config = match Config::load(&self.args, self.cpus.len(), self.check) {
+        let generation = self.last_generation;
+        info!("reload: starting generation {generation}");
+        self.phase = Phase::Rolling(Box::new(Rollover {
+            generation,
+            workers: 0,
+            restart_needed: Vec::new(),
+            config: None,
+            waiters,
+            started: now,
+            step: Step::Loading,
+            failed: None,
+            last_extend: now,
+            cut: 0,
+        }));
+        self.out.push(Action::Load { generation });
+    }
+
+    /// Step 2: the configuration and binary are loaded (or not): start the new generation.
+    pub(super) fn on_loaded(
+        &mut self,
+        generation: u64,
+        result: Result<Box<Config>, String>,
+        now: Instant,
+    ) {
+        let Phase::Rolling(r) = &self.phase else {
+            return;
+        };
+        if r.generation != generation || !matches!(r.step, Step::Loading) {
+            return;
+        }
+        let mut config = match result {
             Ok(c) => c,
-            Err(e) => return self.finish_failed(waiters, now, next, e.message),
+            Err(why) => return self.roll_back(why, now),
         };
         let restart_needed = self.keep_fixed_keys(&mut config);
         for key in &restart_needed {
@@ -114,35 +173,18 @@ impl Master {
             }
             current
         };
-        let exe = match Executable::open(&self.exe.path) {
-            Ok(e) => e,
-            Err(e) => {
-                let msg = format!("cannot open {}: {e}", self.exe.path.display());
-                return self.finish_failed(waiters, now, next, msg);
-            }
-        };
-        let mut failed = None;
-        for slot in 0..workers {
-            if let Err(e) = self.spawn_worker(slot, next, Some((&config, &exe))) {
-                failed = Some(format!("cannot start new worker {slot}: {e}"));
-                break;
-            }
+        let ready_timeout = config.ready_timeout;
+        if let Phase::Rolling(r) = &mut self.phase {
+            r.workers = workers;
+            r.restart_needed = restart_needed;
+            r.config = Some(config);
+            r.step = Step::Starting {
+                deadline: now + ready_timeout,
+            };
         }
-        self.phase = Phase::Rolling(Box::new(Rollover {
-            generation: next,
-            workers,
-            restart_needed,
-            step: Step::Starting {
-                deadline: now + config.ready_timeout,
-            },
-            config,
-            exe,
-            waiters,
-            started: now,
-            failed,
-            last_extend: now,
-            cut: 0,
-        }));
+        for slot in 0..workers {
+            self.spawn(generation, slot);
+        }
     }
 
     /// Moves a rollover along; see the module docs for the steps.
@@ -151,12 +193,14 @@ impl Master {
             return;
         };
         match r.step {
+            Step::Loading => {}
             Step::Starting { deadline } => {
                 let problem = r.failed.clone().or_else(|| {
                     (now > deadline).then(|| {
                         format!(
                             "generation {} not ready within ready_timeout ({:?})",
-                            r.generation, r.config.ready_timeout
+                            r.generation,
+                            r.config.as_ref().map(|c| c.ready_timeout).unwrap_or_default()
                         )
                     })
                 });
@@ -167,74 +211,63 @@ impl Master {
                 // in the new generation, as a serving one would be: otherwise the slot stays
                 // empty and the reload fails at ready_timeout.
                 let (g, n) = (r.generation, r.workers);
-                let empty: Vec<usize> = (0..n)
-                    .filter(|&s| self.pool.holder(g, s).is_none())
-                    .collect();
-                if !empty.is_empty()
-                    && let Phase::Rolling(r) = std::mem::replace(&mut self.phase, Phase::Serving)
-                {
-                    let mut r = r;
-                    for slot in empty {
-                        if let Err(e) = self.spawn_worker(slot, g, Some((&r.config, &r.exe))) {
-                            r.failed
-                                .get_or_insert(format!("cannot start new worker {slot}: {e}"));
-                        }
-                    }
-                    self.phase = Phase::Rolling(r);
-                    return;
+                let empty: Vec<usize> = (0..n).filter(|&s| !self.pool.is_held(g, s)).collect();
+                for slot in &empty {
+                    self.spawn(g, *slot);
                 }
-                if self.pool.generation_full(g, n) {
+                if empty.is_empty() && self.pool.generation_full(g, n) {
                     self.promote(now);
                 }
             }
             Step::Draining { deadline } => {
-                let old = self
-                    .pool
-                    .workers
-                    .values()
-                    .any(|w| w.generation < r.generation);
-                if !old {
+                let g = r.generation;
+                if !self.pool.workers.values().any(|w| w.generation < g) {
                     return self.finish_ok(now);
                 }
                 if now > deadline {
-                    let g = r.generation;
                     for w in self
                         .pool
                         .workers
                         .values_mut()
-                        .filter(|w| w.generation < g && w.killed.is_none())
+                        .filter(|w| w.generation < g)
                     {
-                        w.kill(format!(
-                            "still draining at drain_timeout, {} connection(s) cut",
-                            w.connections
-                        ));
-                        r.cut += w.connections;
+                        let connections = w.connections;
+                        if w.kill(format!(
+                            "still draining at drain_timeout, {connections} connection(s) cut"
+                        )) {
+                            r.cut += connections;
+                            self.out.push(Action::Kill(w.pid));
+                        }
                     }
                 }
                 // A long drain would otherwise run into systemd's reload timeout.
                 if now.duration_since(r.last_extend) >= Duration::from_secs(1) {
                     r.last_extend = now;
                     let left = deadline.saturating_duration_since(now);
-                    self.notifier.extend_timeout(left + Duration::from_secs(5));
+                    self.out.push(Action::Notify(Notify::ExtendTimeout(
+                        left + Duration::from_secs(5),
+                    )));
                 }
             }
         }
     }
 
-    /// Every new worker is ready: they serve now, the old generation drains.
+    /// Step 3: every new worker is ready: they serve now, the old generation drains.
     fn promote(&mut self, now: Instant) {
         let Phase::Rolling(r) = &mut self.phase else {
             return;
         };
+        let Some(config) = r.config.take() else {
+            return;
+        };
         let new = r.generation;
-        let drain = r.config.drain_timeout;
-        std::mem::swap(&mut self.config, &mut r.config);
-        std::mem::swap(&mut self.exe, &mut r.exe);
+        self.config = *config;
+        let drain = self.config.drain_timeout;
         self.budget
             .reconfigure(self.config.restart_limit, self.config.restart_window);
         let old = self.pool.generation;
         self.pool.generation = new;
-        super::resize_slots(&mut self.pool, r.workers, &self.cpus, now);
+        self.pool.resize(r.workers, &self.facts.cpus, now);
         for slot in &mut self.pool.slots {
             slot.backoff.reset();
         }
@@ -245,8 +278,7 @@ impl Master {
             .values_mut()
             .filter(|w| w.generation < new)
         {
-            w.retire.get_or_insert(Retire::Superseded);
-            w.drain(drain, now);
+            w.drain(Retire::Superseded, drain, now, &mut self.out);
             n += 1;
         }
         info!(
@@ -254,10 +286,11 @@ impl Master {
             now.duration_since(r.started).as_secs_f64() * 1e3
         );
         r.step = Step::Draining {
-            deadline: now + drain + Duration::from_secs(1),
+            deadline: drain_deadline(now, drain),
         };
     }
 
+    /// The new generation failed: it goes away, the serving one never stopped.
     fn roll_back(&mut self, why: String, now: Instant) {
         let Phase::Rolling(r) = std::mem::replace(&mut self.phase, Phase::Serving) else {
             return;
@@ -269,22 +302,32 @@ impl Master {
             .values_mut()
             .filter(|w| w.generation == r.generation)
         {
-            w.retire = Some(Retire::RolledBack);
-            if w.state == WorkerState::Starting {
-                w.kill("reload rolled back".into());
+            if w.life == Life::Starting {
+                w.life = Life::Retiring(Retire::RolledBack);
+                if w.kill("reload rolled back".into()) {
+                    self.out.push(Action::Kill(w.pid));
+                }
             } else {
-                w.drain(drain, now);
+                w.life = match std::mem::replace(&mut w.life, Life::Ready) {
+                    // Already on its way out for another reason: that reason stays.
+                    l @ (Life::Draining { .. } | Life::Killed { .. }) => l,
+                    _ => Life::Ready,
+                };
+                w.drain(Retire::RolledBack, drain, now, &mut self.out);
             }
         }
-        self.finish_failed(r.waiters, r.started, r.generation, why);
+        self.pool.pending.retain(|&(g, _), _| g != r.generation);
+        self.finish_failed(r.waiters, r.started, r.generation, why, now);
     }
 
+    /// Step 4: the old generation is gone: `READY=1`, and the answer to whoever asked.
     fn finish_ok(&mut self, now: Instant) {
         let Phase::Rolling(r) = std::mem::replace(&mut self.phase, Phase::Serving) else {
             return;
         };
-        let ms = now.duration_since(r.started).as_millis() as u64;
-        self.metrics_reload(true, now.duration_since(r.started));
+        let took = now.duration_since(r.started);
+        let ms = took.as_millis() as u64;
+        self.out.push(Action::Count(Count::Reload { ok: true, took }));
         let version = self
             .pool
             .workers
@@ -326,46 +369,49 @@ impl Master {
             restart_needed: r.restart_needed,
         });
         let status = self.status_line(now);
-        self.notifier.ready(&status);
+        self.notify_ready(status);
         for w in r.waiters {
-            let _ = w.send(Reply {
-                ok: true,
-                message: Some(format!("{message} (reload took {ms} ms)")),
-                ..Default::default()
-            });
+            self.out.push(Action::Reply(
+                w,
+                Reply {
+                    ok: true,
+                    message: Some(format!("{message} (reload took {ms} ms)")),
+                    ..Default::default()
+                },
+            ));
         }
-        self.follow_up();
+        self.follow_up(now);
     }
 
     /// Ends a failed reload: the serving generation is untouched.
     fn finish_failed(
         &mut self,
-        waiters: Vec<oneshot::Sender<Reply>>,
+        waiters: Vec<ReplyTo>,
         started: Instant,
         generation: u64,
         why: String,
+        now: Instant,
     ) {
         self.phase = Phase::Serving;
-        let now = Instant::now();
-        let ms = now.duration_since(started).as_millis() as u64;
-        self.metrics_reload(false, now.duration_since(started));
+        let took = now.duration_since(started);
+        self.out.push(Action::Count(Count::Reload { ok: false, took }));
         let msg = format!(
             "reload failed: {why}; still serving generation {}",
             self.pool.generation
         );
         error!("{msg}");
-        self.notifier.ready(&msg);
+        self.notify_ready(msg.clone());
         self.last_reload = Some(ReloadReport {
             generation,
             ok: false,
             message: why,
-            duration_ms: ms,
+            duration_ms: took.as_millis() as u64,
             ..Default::default()
         });
         for w in waiters {
-            let _ = w.send(Reply::error(msg.clone()));
+            self.out.push(Action::Reply(w, Reply::error(msg.clone())));
         }
-        self.follow_up();
+        self.follow_up(now);
     }
 
     /// Keys of `config` fixed for the life of the master: each one the file changed is set
@@ -380,7 +426,7 @@ impl Master {
             ));
             config.accept = self.config.accept;
         }
-        if self.bound_by_hand && config.bind != self.config.bind {
+        if self.facts.bound_by_hand && config.bind != self.config.bind {
             changed.push(format!(
                 "bind (listening on {}, the file says {})",
                 self.config.bind, config.bind
@@ -391,10 +437,10 @@ impl Master {
             .control_socket
             .clone()
             .unwrap_or_else(crate::control::default_path);
-        if path != self.control_path {
+        if path != self.facts.control_path {
             changed.push(format!(
                 "control_socket (at {}, the file says {})",
-                self.control_path.display(),
+                self.facts.control_path.display(),
                 path.display()
             ));
         }
@@ -403,13 +449,13 @@ impl Master {
     }
 
     /// Starts the one rollover that serves every reload requested meanwhile.
-    fn follow_up(&mut self) {
+    fn follow_up(&mut self, now: Instant) {
         if let Some(queued) = self.reload_queue.take() {
             info!(
                 "reload: running the {} queued request(s) as one follow-up",
                 queued.len().max(1)
             );
-            self.begin_rollover(queued);
+            self.begin_rollover(queued, now);
         }
     }
 
@@ -425,7 +471,10 @@ impl Master {
         };
         for w in waiters.into_iter().chain(queued) {
             warn!("reload abandoned: the service is stopping");
-            let _ = w.send(Reply::error("reload abandoned: the service is stopping"));
+            self.out.push(Action::Reply(
+                w,
+                Reply::error("reload abandoned: the service is stopping"),
+            ));
         }
     }
 }
