@@ -1,6 +1,12 @@
 //! The master's side of the `round-robin` accept strategy: its accept tasks, which worker
 //! gets the next connection, and what happens to connections a worker never took.
 //!
+//! All of it runs in one task of its own ([`RoundRobin`]), beside the supervision loop and
+//! fed by it: the loop says which workers take connections now, which worker is new and
+//! which is gone, and when to stop. Client connections never reach the supervision loop,
+//! so a flood of them cannot delay a heartbeat or a reap, and the loop cannot stall the
+//! hand-off.
+//!
 //! Every connection stays held here (the master's own descriptor) until the worker it went
 //! to acknowledges it; a worker that dies first gives its unacknowledged connections back,
 //! and they go to the next worker. A connection that no worker can take right now (all
@@ -11,7 +17,7 @@
 //! cap, so further clients wait in the kernel's listen backlog instead of in the master's
 //! descriptor table. The cap is [`MAX_HELD`] or what the descriptor limit leaves after a
 //! reserve for starting workers and answering the control socket, whichever is lower (see
-//! [`Master::update_conn_cap`]).
+//! [`update_cap`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -20,12 +26,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use super::core::Event;
-use super::{ChannelEvent, Master};
 use crate::handoff;
-use crate::listen::{AsyncListener, Stream};
+use crate::listen::{AsyncListener, Listener, Stream};
 
 /// The most connections the master holds at once (accepted, not yet taken by a worker),
 /// whatever the descriptor limit allows.
@@ -142,8 +147,6 @@ pub struct Dispatcher {
     next_id: u64,
     cursor: usize,
     held: HashMap<i32, BTreeMap<u64, HeldConn>>,
-    /// Connections given back by a worker that died before taking them.
-    pub redispatched: u64,
 }
 
 impl Dispatcher {
@@ -193,7 +196,6 @@ impl Dispatcher {
         for (_, conn) in m.into_iter().rev() {
             self.backlog.push_front(conn);
         }
-        self.redispatched += n as u64;
         n
     }
 
@@ -202,189 +204,282 @@ impl Dispatcher {
     }
 }
 
-/// The master's round-robin duties: accepting, and watching acknowledgements.
-impl Master {
-    /// One task per listening socket accepting for the workers (round-robin strategy).
-    ///
-    /// Each task pauses while the master holds as many connections as it may
-    /// ([`ConnBudget`]); the kernel's listen backlog holds the rest meanwhile. Accept errors
-    /// (EMFILE and friends) back off, doubling up to a second, and are logged at most every
-    /// 10 s.
-    pub(super) fn start_acceptors(&mut self) {
-        self.update_conn_cap();
-        for l in &self.listeners {
-            let fd = match l.fd.try_clone() {
-                Ok(fd) => fd,
+/// The round-robin task's handle: what the supervision loop tells it.
+pub struct RoundRobin {
+    tx: mpsc::UnboundedSender<Command>,
+    /// The targets last sent, to send only changes.
+    targets: Vec<i32>,
+}
+
+enum Command {
+    /// The workers that take connections now, in order.
+    Targets(Vec<(i32, Arc<OwnedFd>)>),
+    /// A new worker: read its acknowledgements.
+    Watch(i32, Arc<OwnedFd>),
+    /// The worker is gone: what it never took goes to another.
+    Gone(i32),
+    /// Accept no more, hand out what is held, then answer.
+    Stop(oneshot::Sender<()>),
+}
+
+/// What the accept tasks and acknowledgement readers tell the round-robin task.
+enum Traffic {
+    Accepted(HeldConn),
+    Acked { pid: i32, id: u64 },
+    HandoffClosed { pid: i32 },
+}
+
+impl RoundRobin {
+    /// Starts accepting on every listener, holding at most `budget`'s cap of connections.
+    pub fn start(listeners: &[Listener], budget: Arc<ConnBudget>) -> RoundRobin {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (traffic_tx, traffic_rx) = mpsc::unbounded_channel();
+        let acceptors = listeners
+            .iter()
+            .filter_map(|l| match l.fd.try_clone() {
+                Ok(fd) => Some(accept_task(
+                    fd,
+                    l.description.clone(),
+                    budget.clone(),
+                    traffic_tx.clone(),
+                )),
                 Err(e) => {
                     error!("cannot accept on {}: {e}", l.description);
-                    continue;
+                    None
                 }
-            };
-            let events = self.channel_tx.clone();
-            let description = l.description.clone();
-            let budget = self.conn_budget.clone();
-            self.acceptors.push(tokio::spawn(async move {
-                let listener = match AsyncListener::from_fd(fd) {
-                    Ok(a) => a,
-                    Err(e) => return error!("cannot accept on {description}: {e}"),
-                };
-                let mut errors = RateLimit::new(Duration::from_secs(10));
-                let mut pauses = RateLimit::new(Duration::from_secs(10));
-                let mut error_delay = Duration::ZERO;
-                let mut paused = false;
-                loop {
-                    while budget.full() {
-                        if !paused {
-                            paused = true;
-                            if let Some(n) = pauses.allow(Instant::now()) {
-                                warn!(
-                                    "master holds {} connection(s) no worker has taken (cap {}): \
-                                     not accepting on {description} until workers take some; \
-                                     new clients wait in the kernel's listen backlog{}",
-                                    budget.held(),
-                                    budget.cap(),
-                                    suppressed(n)
-                                );
-                            }
-                        }
-                        tokio::select! {
-                            _ = budget.room.notified() => {}
-                            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                        }
-                    }
-                    paused = false;
-                    match listener.accept().await.and_then(Stream::into_fd) {
-                        Ok(conn) => {
-                            error_delay = Duration::ZERO;
-                            let conn = HeldConn::new(conn, &budget);
-                            if events.send(ChannelEvent::Accepted(conn)).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            // EMFILE and friends: back off rather than spin, and say so
-                            // once in a while, not at every attempt.
-                            error_delay = (error_delay * 2)
-                                .clamp(Duration::from_millis(50), Duration::from_secs(1));
-                            if let Some(n) = errors.allow(Instant::now()) {
-                                warn!(
-                                    "master accept on {description} failed: {e}; retrying in up to {} ms{}",
-                                    error_delay.as_millis(),
-                                    suppressed(n)
-                                );
-                            }
-                            tokio::time::sleep(error_delay).await;
-                        }
-                    }
-                }
-            }));
-        }
+            })
+            .collect();
         info!(
             "accept strategy round-robin: the master hands connections to workers in turn (holding at most {})",
-            self.conn_budget.cap()
+            budget.cap()
         );
-    }
-
-    /// Sets how many connections the master may hold: [`MAX_HELD`], or less when the
-    /// descriptor limit leaves less after what the master has open besides connections,
-    /// [`FD_RESERVE`], and [`FD_PER_WORKER`] for each worker of two full generations.
-    pub(super) fn update_conn_cap(&mut self) {
-        let limit = fd_limit();
-        let held = self.conn_budget.held();
-        let others = open_fds().map_or(0, |n| n.saturating_sub(held));
-        let reserve = FD_RESERVE + FD_PER_WORKER * 2 * self.core.pool().slots.len();
-        let cap = limit
-            .saturating_sub(others)
-            .saturating_sub(reserve)
-            .clamp(1, MAX_HELD);
-        if cap != self.conn_budget.cap() {
-            if cap < 64.min(MAX_HELD) {
-                warn!(
-                    "descriptor limit {limit} leaves room for only {cap} connection(s) held by the master; raise LimitNOFILE="
-                );
-            }
-            self.conn_budget.set_cap(cap);
+        tokio::spawn(run(rx, traffic_tx, traffic_rx, acceptors));
+        RoundRobin {
+            tx,
+            targets: Vec::new(),
         }
     }
 
-    pub(super) fn stop_acceptors(&mut self) {
-        for a in self.acceptors.drain(..) {
-            a.abort();
+    /// The workers that take connections now; sent on only when they changed.
+    pub fn set_targets(&mut self, targets: Vec<(i32, Arc<OwnedFd>)>) {
+        let pids: Vec<i32> = targets.iter().map(|t| t.0).collect();
+        if pids != self.targets {
+            self.targets = pids;
+            let _ = self.tx.send(Command::Targets(targets));
         }
     }
 
-    /// Before workers are told to drain: connections already accepted (still queued as
-    /// events) go to workers while they still take them, rather than die with the master.
-    /// Returns the supervision events read on the way, for the core.
-    pub(super) fn hand_out_accepted(&mut self) -> Vec<Event> {
-        let mut events = Vec::new();
-        while let Ok(ev) = self.channel_rx.try_recv() {
-            events.extend(self.on_channel(ev));
-        }
-        events
+    pub fn watch(&self, pid: i32, handoff: Arc<OwnedFd>) {
+        let _ = self.tx.send(Command::Watch(pid, handoff));
     }
 
-    /// Each turn: what waits for a worker goes to one if it can.
-    pub(super) fn flush_handoffs(&mut self) {
-        if self.dispatcher.waiting() > 0 {
-            let targets = self.handoff_targets();
-            self.dispatcher.flush(&targets);
-        }
+    pub fn gone(&self, pid: i32) {
+        let _ = self.tx.send(Command::Gone(pid));
     }
 
-    /// Reads a worker's hand-off acknowledgements into the loop.
-    pub(super) fn watch_handoff(&self, pid: i32, fd: Arc<OwnedFd>) -> std::io::Result<()> {
-        nix::fcntl::fcntl(
-            &*fd,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )?;
-        // SAFETY: the Arc inside the AsyncFd keeps this descriptor open for its lifetime.
-        let afd = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    /// Before workers are told to drain: stop accepting, and hand connections already
+    /// accepted to workers while they still take them, rather than let them die with the
+    /// master. Returns once that is done.
+    pub async fn stop(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Command::Stop(done)).is_ok() {
+            let _ = wait.await;
         }
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let events = self.channel_tx.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok(mut guard) = afd.readable().await else {
-                    break;
-                };
-                match crate::handoff::read_ack(afd.get_ref()) {
-                    Ok(Some(id)) => {
-                        if events.send(ChannelEvent::Acked { pid, id }).is_err() {
-                            return;
-                        }
+    }
+}
+
+/// The round-robin task: offers each accepted connection to the next worker, keeps what no
+/// worker can take yet (offered again every 50 ms and whenever the targets change), and
+/// gives a gone worker's unacknowledged connections to the others.
+async fn run(
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    traffic_tx: mpsc::UnboundedSender<Traffic>,
+    mut traffic: mpsc::UnboundedReceiver<Traffic>,
+    acceptors: Vec<tokio::task::JoinHandle<()>>,
+) {
+    let mut dispatcher = Dispatcher::default();
+    let mut targets: Vec<(i32, Arc<OwnedFd>)> = Vec::new();
+    let raw = |t: &[(i32, Arc<OwnedFd>)]| -> Vec<(i32, RawFd)> {
+        t.iter().map(|(pid, fd)| (*pid, fd.as_raw_fd())).collect()
+    };
+    let mut retry = tokio::time::interval(Duration::from_millis(50));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                None => break,
+                Some(Command::Targets(t)) => {
+                    targets = t;
+                    dispatcher.flush(&raw(&targets));
+                }
+                Some(Command::Watch(pid, fd)) => {
+                    if let Err(e) = watch_acks(pid, fd, traffic_tx.clone()) {
+                        warn!(pid, "cannot read the worker's hand-off acknowledgements: {e}");
                     }
-                    Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-                    Ok(None) | Err(_) => break,
+                }
+                Some(Command::Gone(pid)) => give_back(&mut dispatcher, pid, &raw(&targets)),
+                Some(Command::Stop(done)) => {
+                    for a in &acceptors {
+                        a.abort();
+                    }
+                    while let Ok(t) = traffic.try_recv() {
+                        on_traffic(&mut dispatcher, t, &raw(&targets));
+                    }
+                    let _ = done.send(());
+                }
+            },
+            Some(t) = traffic.recv() => on_traffic(&mut dispatcher, t, &raw(&targets)),
+            _ = retry.tick(), if dispatcher.waiting() > 0 => dispatcher.flush(&raw(&targets)),
+        }
+    }
+    for a in &acceptors {
+        a.abort();
+    }
+}
+
+fn on_traffic(dispatcher: &mut Dispatcher, t: Traffic, targets: &[(i32, RawFd)]) {
+    match t {
+        Traffic::Accepted(conn) => dispatcher.offer(conn, targets),
+        Traffic::Acked { pid, id } => dispatcher.acked(pid, id),
+        Traffic::HandoffClosed { pid } => give_back(dispatcher, pid, targets),
+    }
+}
+
+/// Connections a gone worker never took go to the others.
+fn give_back(dispatcher: &mut Dispatcher, pid: i32, targets: &[(i32, RawFd)]) {
+    let n = dispatcher.worker_gone(pid);
+    if n > 0 {
+        info!(
+            pid,
+            "{n} connection(s) the worker never took are handed to another worker"
+        );
+        let others: Vec<(i32, RawFd)> = targets.iter().copied().filter(|t| t.0 != pid).collect();
+        dispatcher.flush(&others);
+    }
+}
+
+/// One task per listening socket accepting for the workers.
+///
+/// It pauses while the master holds as many connections as it may ([`ConnBudget`]); the
+/// kernel's listen backlog holds the rest meanwhile. Accept errors (EMFILE and friends) back
+/// off, doubling up to a second, and are logged at most every 10 s.
+fn accept_task(
+    fd: OwnedFd,
+    description: String,
+    budget: Arc<ConnBudget>,
+    events: mpsc::UnboundedSender<Traffic>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let listener = match AsyncListener::from_fd(fd) {
+            Ok(a) => a,
+            Err(e) => return error!("cannot accept on {description}: {e}"),
+        };
+        let mut errors = RateLimit::new(Duration::from_secs(10));
+        let mut pauses = RateLimit::new(Duration::from_secs(10));
+        let mut error_delay = Duration::ZERO;
+        let mut paused = false;
+        loop {
+            while budget.full() {
+                if !paused {
+                    paused = true;
+                    if let Some(n) = pauses.allow(Instant::now()) {
+                        warn!(
+                            "master holds {} connection(s) no worker has taken (cap {}): \
+                             not accepting on {description} until workers take some; \
+                             new clients wait in the kernel's listen backlog{}",
+                            budget.held(),
+                            budget.cap(),
+                            suppressed(n)
+                        );
+                    }
+                }
+                tokio::select! {
+                    _ = budget.room.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
             }
-            let _ = events.send(ChannelEvent::HandoffClosed { pid });
-        });
-        Ok(())
-    }
-
-    /// Workers that may receive connections now, as (pid, hand-off channel).
-    pub(super) fn handoff_targets(&self) -> Vec<(i32, std::os::fd::RawFd)> {
-        self.core
-            .pool()
-            .serving_workers()
-            .filter_map(|w| self.processes.get(&w.pid))
-            .map(|p| (p.pid, p.handoff.as_raw_fd()))
-            .collect()
-    }
-
-    /// Connections a gone worker never took go to the others.
-    pub(super) fn give_back(&mut self, pid: i32) {
-        let n = self.dispatcher.worker_gone(pid);
-        if n > 0 {
-            info!(
-                pid,
-                "{n} connection(s) the worker never took are handed to another worker"
-            );
-            let targets = self.handoff_targets();
-            self.dispatcher.flush(&targets);
+            paused = false;
+            match listener.accept().await.and_then(Stream::into_fd) {
+                Ok(conn) => {
+                    error_delay = Duration::ZERO;
+                    let conn = HeldConn::new(conn, &budget);
+                    if events.send(Traffic::Accepted(conn)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin, and say so once in a
+                    // while, not at every attempt.
+                    error_delay =
+                        (error_delay * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
+                    if let Some(n) = errors.allow(Instant::now()) {
+                        warn!(
+                            "master accept on {description} failed: {e}; retrying in up to {} ms{}",
+                            error_delay.as_millis(),
+                            suppressed(n)
+                        );
+                    }
+                    tokio::time::sleep(error_delay).await;
+                }
+            }
         }
+    })
+}
+
+/// Reads a worker's hand-off acknowledgements into the round-robin task.
+fn watch_acks(
+    pid: i32,
+    fd: Arc<OwnedFd>,
+    events: mpsc::UnboundedSender<Traffic>,
+) -> std::io::Result<()> {
+    nix::fcntl::fcntl(
+        &*fd,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )?;
+    // SAFETY: the Arc inside the AsyncFd keeps this descriptor open for its lifetime.
+    let afd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = afd.readable().await else {
+                break;
+            };
+            match crate::handoff::read_ack(afd.get_ref()) {
+                Ok(Some(id)) => {
+                    if events.send(Traffic::Acked { pid, id }).is_err() {
+                        return;
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let _ = events.send(Traffic::HandoffClosed { pid });
+    });
+    Ok(())
+}
+
+/// How many connections the master may hold: [`MAX_HELD`], or less when the descriptor
+/// limit leaves less after what the master has open besides connections, [`FD_RESERVE`],
+/// and [`FD_PER_WORKER`] for each worker of two full generations.
+pub fn update_cap(budget: &ConnBudget, slots: usize) {
+    let limit = fd_limit();
+    let held = budget.held();
+    let others = open_fds().map_or(0, |n| n.saturating_sub(held));
+    let reserve = FD_RESERVE + FD_PER_WORKER * 2 * slots;
+    let cap = limit
+        .saturating_sub(others)
+        .saturating_sub(reserve)
+        .clamp(1, MAX_HELD);
+    if cap != budget.cap() {
+        if cap < 64.min(MAX_HELD) {
+            warn!(
+                "descriptor limit {limit} leaves room for only {cap} connection(s) held by the master; raise LimitNOFILE="
+            );
+        }
+        budget.set_cap(cap);
     }
 }
 

@@ -17,8 +17,8 @@
 //! 6. [`metrics_turn`](Master::metrics_turn): what only the master knows, for the endpoint.
 //!
 //! The master knows nothing of requests; workers know nothing of supervision. They meet only
-//! on the IPC channel ([`crate::ipc`]). Round-robin connections ([`dispatch`]) are traffic,
-//! not events: they never reach the core.
+//! on the IPC channel ([`crate::ipc`]). Under round-robin, client connections are handed
+//! out by a task of their own ([`dispatch`]): they never reach this loop.
 
 /// A master log line about one worker: its slot and pid in the text (plain `journalctl`
 /// shows only the text), and `WORKER_ID`, `WORKER_PID` and `GENERATION` as journald fields,
@@ -68,7 +68,7 @@ use crate::loadboard::{LoadBoard, Readiness};
 use crate::notify::Notifier;
 
 use self::core::{Action, Event, ExitStatus, Facts, Notify, ReplyTo, Supervisor};
-use dispatch::{ConnBudget, Dispatcher, HeldConn};
+use dispatch::{ConnBudget, RoundRobin};
 use process::Process;
 use spawn::{Executable, SpawnRequest};
 
@@ -83,27 +83,10 @@ const MEMORY_CHECK_FAST: Duration = Duration::from_millis(150);
 /// delayed every event and tripped the loop's own stall detection).
 const MEMORY_READS_PER_TURN: usize = 32;
 
-/// What a worker's channels (and, for round-robin, the master's acceptors) report.
+/// What a worker's channel reports.
 enum ChannelEvent {
-    Message {
-        pid: i32,
-        msg: ToMaster,
-    },
-    Closed {
-        pid: i32,
-        error: Option<String>,
-    },
-    /// Round-robin: a connection the master accepted, to hand to a worker.
-    Accepted(HeldConn),
-    /// Round-robin: the worker holds hand-off `id` now.
-    Acked {
-        pid: i32,
-        id: u64,
-    },
-    /// Round-robin: the worker's hand-off channel closed.
-    HandoffClosed {
-        pid: i32,
-    },
+    Message { pid: i32, msg: ToMaster },
+    Closed { pid: i32, error: Option<String> },
 }
 
 pub struct Master {
@@ -134,9 +117,9 @@ pub struct Master {
     memory_sweep_hot: bool,
     memory_sweep_started: Instant,
     control_path: std::path::PathBuf,
-    dispatcher: Dispatcher,
     board: LoadBoard,
-    acceptors: Vec<tokio::task::JoinHandle<()>>,
+    /// The round-robin task, under `accept = "round-robin"`.
+    round_robin: Option<RoundRobin>,
     /// Connections the master holds for round-robin, and how many it may.
     conn_budget: Arc<ConnBudget>,
     next_cap_update: Instant,
@@ -222,9 +205,8 @@ impl Master {
             memory_sweep_hot: false,
             memory_sweep_started: now,
             control_path,
-            dispatcher: Dispatcher::default(),
             board,
-            acceptors: Vec::new(),
+            round_robin: None,
             conn_budget: ConnBudget::new(dispatch::MAX_HELD),
             next_cap_update: now,
             metrics,
@@ -262,7 +244,11 @@ impl Master {
             );
         }
         if self.core.config().accept == AcceptStrategy::RoundRobin {
-            self.start_acceptors();
+            dispatch::update_cap(&self.conn_budget, self.core.pool().slots.len());
+            self.round_robin = Some(RoundRobin::start(
+                &self.listeners,
+                self.conn_budget.clone(),
+            ));
         }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -290,28 +276,23 @@ impl Master {
                 Wake::Stop(why, fast) => Some(Event::Stop { why, fast }),
                 Wake::Reload => Some(Event::Reload(None)),
                 Wake::Scale(d) => Some(Event::ScaleBy(d)),
-                // Connection hand-offs are traffic, not supervision events: they skip the
-                // turn.
-                Wake::Channel(ev) => match self.on_channel(ev) {
-                    Some(event) => Some(event),
-                    None => continue,
-                },
+                Wake::Channel(ev) => Some(self.on_channel(ev)),
                 Wake::Control(req) => self.on_control(req),
             };
             if let Some(event) = event {
-                self.step(event);
+                self.step(event).await;
             }
             self.read_last_words().await;
-            self.reap();
+            self.reap().await;
             let now = Instant::now();
-            self.check_limits(now);
+            self.check_limits(now).await;
             self.balance_affinity(now);
-            self.step(Event::Tick);
+            self.step(Event::Tick).await;
             if let Some(code) = self.exit {
                 control::remove_own_socket();
                 return code;
             }
-            self.flush_handoffs();
+            self.update_handoff_targets();
             self.prune_generations();
             self.metrics_turn(Instant::now());
         }
@@ -319,10 +300,10 @@ impl Master {
 
     /// Hands `event` to the core and carries out what it decides, including what the
     /// answers to those actions (a spawn's pid, a loaded configuration) decide in turn.
-    fn step(&mut self, event: Event) {
+    async fn step(&mut self, event: Event) {
         let mut todo: VecDeque<Action> = self.core.on(event, Instant::now()).into();
         while let Some(action) = todo.pop_front() {
-            let answer = self.carry_out(action);
+            let answer = self.carry_out(action).await;
             for event in answer {
                 todo.extend(self.core.on(event, Instant::now()));
             }
@@ -330,7 +311,7 @@ impl Master {
     }
 
     /// Does what the core asked; returns the events that answer it.
-    fn carry_out(&mut self, action: Action) -> Vec<Event> {
+    async fn carry_out(&mut self, action: Action) -> Vec<Event> {
         let now = Instant::now();
         match action {
             Action::Spawn {
@@ -391,8 +372,9 @@ impl Master {
                 }
             }
             Action::StopAccepting => {
-                self.stop_acceptors();
-                return self.hand_out_accepted();
+                if let Some(rr) = &self.round_robin {
+                    rr.stop().await;
+                }
             }
             Action::Count(c) => self.metrics_count(c),
             Action::Exit(code) => self.exit = Some(code),
@@ -402,23 +384,9 @@ impl Master {
 
     // ---- events ------------------------------------------------------------------------
 
-    /// The core's event for what a channel reported; `None` for round-robin traffic, which
-    /// the shell handles alone.
-    fn on_channel(&mut self, ev: ChannelEvent) -> Option<Event> {
+    /// The core's event for what a channel reported, after the shell took its figures.
+    fn on_channel(&mut self, ev: ChannelEvent) -> Event {
         match ev {
-            ChannelEvent::Accepted(conn) => {
-                let targets = self.handoff_targets();
-                self.dispatcher.offer(conn, &targets);
-                None
-            }
-            ChannelEvent::Acked { pid, id } => {
-                self.dispatcher.acked(pid, id);
-                None
-            }
-            ChannelEvent::HandoffClosed { pid } => {
-                self.give_back(pid);
-                None
-            }
             ChannelEvent::Message { pid, msg } => {
                 let now = Instant::now();
                 if let (ToMaster::Pong { seq, requests, .. }, Some(p)) =
@@ -429,9 +397,9 @@ impl Master {
                         metrics::pong(page, p.board_index, rtt);
                     }
                 }
-                Some(Event::Message(pid, msg))
+                Event::Message(pid, msg)
             }
-            ChannelEvent::Closed { pid, error } => Some(Event::ChannelClosed { pid, error }),
+            ChannelEvent::Closed { pid, error } => Event::ChannelClosed { pid, error },
         }
     }
 
@@ -482,14 +450,13 @@ impl Master {
         }
         tokio::task::yield_now().await;
         while let Ok(ev) = self.channel_rx.try_recv() {
-            if let Some(event) = self.on_channel(ev) {
-                self.step(event);
-            }
+            let event = self.on_channel(ev);
+            self.step(event).await;
         }
     }
 
     /// Collects every exited child; the core decides what each exit means.
-    fn reap(&mut self) {
+    async fn reap(&mut self) {
         loop {
             let (pid, status) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
@@ -506,9 +473,11 @@ impl Master {
             if let Some(p) = self.processes.remove(&pid) {
                 self.metrics_reaped(&p);
                 self.board.release(p.board_index);
-                self.give_back(pid);
+                if let Some(rr) = &self.round_robin {
+                    rr.gone(pid);
+                }
             }
-            self.step(Event::Exited(pid, status));
+            self.step(Event::Exited(pid, status)).await;
         }
     }
 
@@ -516,11 +485,10 @@ impl Master {
     /// half the limit or grew by more than an eighth of it since the last check; the core
     /// recycles what is over. (Round-robin: the connection cap follows the descriptor limit
     /// at the same pace.)
-    fn check_limits(&mut self, now: Instant) {
-        if self.core.config().accept == AcceptStrategy::RoundRobin && now >= self.next_cap_update
-        {
+    async fn check_limits(&mut self, now: Instant) {
+        if self.round_robin.is_some() && now >= self.next_cap_update {
             self.next_cap_update = now + MEMORY_CHECK;
-            self.update_conn_cap();
+            dispatch::update_cap(&self.conn_budget, self.core.pool().slots.len());
         }
         if self.memory_sweep.is_empty() {
             if now < self.next_memory_check {
@@ -553,7 +521,7 @@ impl Master {
             {
                 self.memory_sweep_hot = true;
             }
-            self.step(Event::Memory { pid, charged });
+            self.step(Event::Memory { pid, charged }).await;
         }
         if self.memory_sweep.is_empty() {
             let every = if self.memory_sweep_hot {
@@ -578,7 +546,23 @@ impl Master {
         Ok(Box::new(config))
     }
 
-    /// Drops the binaries and ticket keys of generations that can start no more workers.
+    /// Round-robin: the workers that take connections now (the serving generation's ready
+    /// workers), for the round-robin task.
+    fn update_handoff_targets(&mut self) {
+        let Some(rr) = &mut self.round_robin else {
+            return;
+        };
+        let targets = self
+            .core
+            .pool()
+            .serving_workers()
+            .filter_map(|w| self.processes.get(&w.pid))
+            .map(|p| (p.pid, p.handoff.clone()))
+            .collect();
+        rr.set_targets(targets);
+    }
+
+    /// Drops the binaries of generations that can start no more workers.
     fn prune_generations(&mut self) {
         let serving = self.core.pool().generation;
         let rolling = match self.core.phase() {
@@ -691,8 +675,8 @@ impl Master {
             self.channel_tx.clone(),
         )?;
         let handoff = Arc::new(spawned.handoff);
-        if config.accept == AcceptStrategy::RoundRobin {
-            self.watch_handoff(pid, handoff.clone())?;
+        if let Some(rr) = &self.round_robin {
+            rr.watch(pid, handoff.clone());
         }
         let p = Process {
             pid,
