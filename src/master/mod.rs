@@ -245,10 +245,7 @@ impl Master {
         }
         if self.core.config().accept == AcceptStrategy::RoundRobin {
             dispatch::update_cap(&self.conn_budget, self.core.pool().slots.len());
-            self.round_robin = Some(RoundRobin::start(
-                &self.listeners,
-                self.conn_budget.clone(),
-            ));
+            self.round_robin = Some(RoundRobin::start(&self.listeners, self.conn_budget.clone()));
         }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -320,19 +317,21 @@ impl Master {
                 cpu,
                 request_limit,
             } => {
-                return vec![match self.spawn_worker(generation, slot, cpu, request_limit) {
-                    Ok(pid) => Event::Spawned {
-                        generation,
-                        slot,
-                        pid,
+                return vec![
+                    match self.spawn_worker(generation, slot, cpu, request_limit) {
+                        Ok(pid) => Event::Spawned {
+                            generation,
+                            slot,
+                            pid,
+                        },
+                        Err(e) => Event::SpawnFailed {
+                            generation,
+                            slot,
+                            host_resource: host_resource_error(&e),
+                            error: e.to_string(),
+                        },
                     },
-                    Err(e) => Event::SpawnFailed {
-                        generation,
-                        slot,
-                        host_resource: host_resource_error(&e),
-                        error: e.to_string(),
-                    },
-                }];
+                ];
             }
             Action::Kill(pid) => {
                 let _ = nix::sys::signal::kill(
@@ -362,7 +361,7 @@ impl Master {
             },
             Action::Reply(to, reply) => {
                 if let Some(tx) = self.replies.remove(&to) {
-                    let _ = tx.send(reply);
+                    let _ = tx.send(*reply);
                 }
             }
             Action::Readiness(r) => {
@@ -511,10 +510,7 @@ impl Master {
             }
             p.rates.sample_cpu(now, pid);
             let charged = p.memory.charged();
-            let retiring = self
-                .core
-                .worker(pid)
-                .is_some_and(|w| w.retire().is_some());
+            let retiring = self.core.worker(pid).is_some_and(|w| w.retire().is_some());
             if max > 0
                 && !retiring
                 && (charged > max / 2 || charged.saturating_sub(before) > max / 8)
@@ -537,7 +533,8 @@ impl Master {
 
     /// [`Action::Load`]: the configuration file re-read and the binary now on disk opened.
     fn load(&mut self, generation: u64) -> Result<Box<Config>, String> {
-        let config = Config::load(&self.args, self.cpus.len(), self.check).map_err(|e| e.message)?;
+        let config =
+            Config::load(&self.args, self.cpus.len(), self.check).map_err(|e| e.message)?;
         let serving = self.core.pool().generation;
         let path = self.exes[&serving].path.clone();
         let exe =

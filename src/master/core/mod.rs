@@ -36,9 +36,9 @@
 //! killed as hung the moment the loop resumes.
 
 pub mod budget;
+mod events;
 pub mod pool;
 mod rollover;
-mod events;
 mod stop;
 #[cfg(test)]
 mod tests;
@@ -100,7 +100,10 @@ pub enum Event {
     /// Time passed: run the steps of the turn.
     Tick,
     /// SIGTERM, SIGINT (graceful) or SIGQUIT (`fast`).
-    Stop { why: &'static str, fast: bool },
+    Stop {
+        why: &'static str,
+        fast: bool,
+    },
     /// SIGHUP (no reply) or `app reload`.
     Reload(Option<ReplyTo>),
     /// SIGTTIN / SIGTTOU: one worker more or less.
@@ -117,7 +120,10 @@ pub enum Event {
     /// A worker said something.
     Message(i32, ToMaster),
     /// A worker's channel ended; `error` when it spoke garbage.
-    ChannelClosed { pid: i32, error: Option<String> },
+    ChannelClosed {
+        pid: i32,
+        error: Option<String>,
+    },
     /// A worker was reaped.
     Exited(i32, ExitStatus),
     /// The answer to [`Action::Spawn`].
@@ -139,7 +145,10 @@ pub enum Event {
         result: Result<Box<Config>, String>,
     },
     /// A worker's memory was read: `charged` bytes count against `max_memory`.
-    Memory { pid: i32, charged: u64 },
+    Memory {
+        pid: i32,
+        charged: u64,
+    },
 }
 
 /// What to do.
@@ -157,9 +166,12 @@ pub enum Action {
     Send(i32, ToWorker),
     /// Re-read the configuration and open the binary on disk for a new generation; answer
     /// with [`Event::Loaded`].
-    Load { generation: u64 },
+    Load {
+        generation: u64,
+    },
     Notify(Notify),
-    Reply(ReplyTo, Reply),
+    /// Boxed: a reply may carry a whole status report.
+    Reply(ReplyTo, Box<Reply>),
     /// What readiness probes and the agent answer from now on.
     Readiness(Readiness),
     /// Round-robin: hand out what the master accepted, and accept no more.
@@ -327,15 +339,15 @@ impl Supervisor {
                     },
                     Err(e) => Reply::error(e),
                 };
-                self.out.push(Action::Reply(reply_to, reply));
+                self.reply(reply_to, reply);
             }
             Event::Drain(reply) => {
                 let r = self.drain_request(now);
-                self.out.push(Action::Reply(reply, r));
+                self.reply(reply, r);
             }
             Event::Undrain(reply) => {
                 let r = self.undrain_request(now);
-                self.out.push(Action::Reply(reply, r));
+                self.reply(reply, r);
             }
             Event::Message(pid, msg) => self.on_message(pid, msg, now),
             Event::ChannelClosed { pid, error } => self.on_channel_closed(pid, error),
@@ -423,6 +435,10 @@ impl Supervisor {
 
     pub fn is_stopping(&self) -> bool {
         matches!(self.phase, Phase::Stopping { .. })
+    }
+
+    fn reply(&mut self, to: ReplyTo, reply: Reply) {
+        self.out.push(Action::Reply(to, Box::new(reply)));
     }
 
     fn liveness(&self) -> Liveness {

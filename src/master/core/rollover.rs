@@ -65,8 +65,12 @@ pub struct Rollover {
 enum Step {
     /// Waiting for [`super::Event::Loaded`].
     Loading,
-    Starting { deadline: Instant },
-    Draining { deadline: Instant },
+    Starting {
+        deadline: Instant,
+    },
+    Draining {
+        deadline: Instant,
+    },
 }
 
 impl Rollover {
@@ -93,16 +97,15 @@ impl Supervisor {
         match &self.phase {
             Phase::Stopping { .. } => {
                 if let Some(r) = reply {
-                    self.out
-                        .push(Action::Reply(r, Reply::error("the service is shutting down")));
+                    self.reply(r, Reply::error("the service is shutting down"));
                 }
             }
             _ if self.stop_pending() => {
                 if let Some(r) = reply {
-                    self.out.push(Action::Reply(
+                    self.reply(
                         r,
                         Reply::error("the service is shutting down (draining before the stop)"),
-                    ));
+                    );
                 }
             }
             Phase::Serving => self.begin_rollover(reply.into_iter().collect(), now),
@@ -200,7 +203,10 @@ impl Supervisor {
                         format!(
                             "generation {} not ready within ready_timeout ({:?})",
                             r.generation,
-                            r.config.as_ref().map(|c| c.ready_timeout).unwrap_or_default()
+                            r.config
+                                .as_ref()
+                                .map(|c| c.ready_timeout)
+                                .unwrap_or_default()
                         )
                     })
                 });
@@ -225,12 +231,7 @@ impl Supervisor {
                     return self.finish_ok(now);
                 }
                 if now > deadline {
-                    for w in self
-                        .pool
-                        .workers
-                        .values_mut()
-                        .filter(|w| w.generation < g)
-                    {
+                    for w in self.pool.workers.values_mut().filter(|w| w.generation < g) {
                         let connections = w.connections;
                         if w.kill(format!(
                             "still draining at drain_timeout, {connections} connection(s) cut"
@@ -327,7 +328,8 @@ impl Supervisor {
         };
         let took = now.duration_since(r.started);
         let ms = took.as_millis() as u64;
-        self.out.push(Action::Count(Count::Reload { ok: true, took }));
+        self.out
+            .push(Action::Count(Count::Reload { ok: true, took }));
         let version = self
             .pool
             .workers
@@ -371,14 +373,14 @@ impl Supervisor {
         let status = self.status_line(now);
         self.notify_ready(status);
         for w in r.waiters {
-            self.out.push(Action::Reply(
+            self.reply(
                 w,
                 Reply {
                     ok: true,
                     message: Some(format!("{message} (reload took {ms} ms)")),
                     ..Default::default()
                 },
-            ));
+            );
         }
         self.follow_up(now);
     }
@@ -394,7 +396,8 @@ impl Supervisor {
     ) {
         self.phase = Phase::Serving;
         let took = now.duration_since(started);
-        self.out.push(Action::Count(Count::Reload { ok: false, took }));
+        self.out
+            .push(Action::Count(Count::Reload { ok: false, took }));
         let msg = format!(
             "reload failed: {why}; still serving generation {}",
             self.pool.generation
@@ -409,7 +412,7 @@ impl Supervisor {
             ..Default::default()
         });
         for w in waiters {
-            self.out.push(Action::Reply(w, Reply::error(msg.clone())));
+            self.reply(w, Reply::error(msg.clone()));
         }
         self.follow_up(now);
     }
@@ -471,10 +474,7 @@ impl Supervisor {
         };
         for w in waiters.into_iter().chain(queued) {
             warn!("reload abandoned: the service is stopping");
-            self.out.push(Action::Reply(
-                w,
-                Reply::error("reload abandoned: the service is stopping"),
-            ));
+            self.reply(w, Reply::error("reload abandoned: the service is stopping"));
         }
     }
 }

@@ -253,7 +253,7 @@ fn replies(actions: &[Action]) -> Vec<(ReplyTo, Reply)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Reply(to, r) => Some((*to, r.clone())),
+            Action::Reply(to, r) => Some((*to, (**r).clone())),
             _ => None,
         })
         .collect()
@@ -287,7 +287,11 @@ fn boot_starts_one_worker_per_slot_and_is_ready_only_when_all_are() {
     let pids = h.starting();
     h.on(Event::Message(pids[0], ToMaster::Ready { version: None }));
     h.on(Event::Message(pids[1], ToMaster::Ready { version: None }));
-    assert_eq!(readied(&h.tick()), 0, "READY=1 with a worker still starting");
+    assert_eq!(
+        readied(&h.tick()),
+        0,
+        "READY=1 with a worker still starting"
+    );
     h.on(Event::Message(pids[2], ToMaster::Ready { version: None }));
     let after = h.tick();
     assert_eq!(readied(&after), 1);
@@ -371,9 +375,15 @@ fn the_restart_budget_spent_stops_everything_with_exit_code_69() {
     }
     assert!(failed, "no giving up after 3 restarts with restart_limit 2");
     assert!(h.sup.is_stopping());
-    assert!(h.pids(|w| w.holds_slot()).is_empty(), "workers left serving");
+    assert!(
+        h.pids(|w| w.holds_slot()).is_empty(),
+        "workers left serving"
+    );
     let out = h.exit_drained();
-    assert_eq!(exit_code(&[out, h.tick()].concat()), Some(crate::exit::UNAVAILABLE));
+    assert_eq!(
+        exit_code(&[out, h.tick()].concat()),
+        Some(crate::exit::UNAVAILABLE)
+    );
 }
 
 #[test]
@@ -543,8 +553,15 @@ fn max_requests_starts_the_replacement_then_drains_the_old_worker() {
     assert!(drained(&out).is_empty());
     let out = h.tick();
     assert_eq!(spawns(&out), vec![(1, 0)], "no replacement");
-    assert!(drained(&out).is_empty(), "drained before its replacement serves");
-    assert_eq!(h.sup.pool().serving(), 0, "a retiring worker is not counted");
+    assert!(
+        drained(&out).is_empty(),
+        "drained before its replacement serves"
+    );
+    assert_eq!(
+        h.sup.pool().serving(),
+        0,
+        "a retiring worker is not counted"
+    );
     let out = h.ready_all();
     assert_eq!(drained(&out), vec![old]);
     let out = h.exit_drained();
@@ -559,7 +576,11 @@ fn max_requests_jitter_spreads_the_limits() {
     c.max_requests_jitter = 50;
     let h = Harness::boot(c);
     for w in h.sup.pool().workers.values() {
-        assert!((1000..=1050).contains(&w.request_limit), "{}", w.request_limit);
+        assert!(
+            (1000..=1050).contains(&w.request_limit),
+            "{}",
+            w.request_limit
+        );
     }
 }
 
@@ -608,10 +629,17 @@ fn a_panicking_worker_is_replaced_and_charged_a_planned_departure_is_not() {
     assert_eq!(spawns(&out), vec![(1, 0), (1, 1)]);
     // They drain by themselves: no drain message.
     assert!(drained(&out).is_empty());
-    let out = [h.exit(a, ExitStatus::Code(0)), h.exit(b, ExitStatus::Code(0))].concat();
+    let out = [
+        h.exit(a, ExitStatus::Code(0)),
+        h.exit(b, ExitStatus::Code(0)),
+    ]
+    .concat();
     assert_eq!(
         counted(&out),
-        vec![Count::Restart(Cause::Panic), Count::Restart(Cause::Requests)]
+        vec![
+            Count::Restart(Cause::Panic),
+            Count::Restart(Cause::Requests)
+        ]
     );
 }
 
@@ -628,7 +656,11 @@ fn a_start_the_host_had_no_resources_for_is_retried_off_the_budget() {
     assert!(starts >= 4, "retried {starts} times");
     assert_eq!(h.sup.budget_used(h.now), 0);
     assert_eq!(h.sup.spawn_failures().0, 3);
-    assert_eq!(h.sup.pool().slots[0].spawn_failures_in_row, 0, "a success resets it");
+    assert_eq!(
+        h.sup.pool().slots[0].spawn_failures_in_row,
+        0,
+        "a success resets it"
+    );
 }
 
 #[test]
@@ -637,7 +669,10 @@ fn a_start_that_fails_otherwise_is_charged() {
     h.fail_spawns = vec![("exec format error".into(), false)];
     h.tick();
     assert_eq!(h.sup.budget_used(h.now), 1);
-    assert_eq!(h.sup.spawn_failures().1, Some("worker 0: exec format error"));
+    assert_eq!(
+        h.sup.spawn_failures().1,
+        Some("worker 0: exec format error")
+    );
 }
 
 // ---- rollover ---------------------------------------------------------------------------
@@ -662,7 +697,10 @@ fn a_reload_starts_a_generation_promotes_it_when_ready_and_drains_the_old_one() 
     let mut d = drained(&out);
     d.sort();
     assert_eq!(d, old);
-    assert!(replies(&out).is_empty(), "answered before the old generation left");
+    assert!(
+        replies(&out).is_empty(),
+        "answered before the old generation left"
+    );
     let out = [h.exit_drained(), h.tick()].concat();
     assert_eq!(readied(&out), 1);
     let r = replies(&out);
@@ -670,7 +708,10 @@ fn a_reload_starts_a_generation_promotes_it_when_ready_and_drains_the_old_one() 
     assert!(r[0].1.ok, "{:?}", r[0].1);
     let report = h.sup.last_reload().unwrap();
     assert!(report.ok);
-    assert_eq!((report.generation, report.workers, report.connections_cut), (2, 2, 0));
+    assert_eq!(
+        (report.generation, report.workers, report.connections_cut),
+        (2, 2, 0)
+    );
     assert!(matches!(h.sup.phase(), Phase::Serving));
     assert!(counted(&out).contains(&Count::Restart(Cause::Reload)));
 }
@@ -709,10 +750,18 @@ fn a_new_worker_that_dies_rolls_the_reload_back() {
     let r = replies(&out);
     assert_eq!(r.len(), 1);
     assert!(!r[0].1.ok);
-    assert_eq!(drained(&out), vec![new[0]], "the ready new worker drains away");
+    assert_eq!(
+        drained(&out),
+        vec![new[0]],
+        "the ready new worker drains away"
+    );
     assert_eq!(h.generation(), 1);
     assert_eq!(h.pids(|w| w.is_serving() && w.generation == 1), old);
-    assert_eq!(h.sup.budget_used(h.now), 0, "a failed reload is not a crash");
+    assert_eq!(
+        h.sup.budget_used(h.now),
+        0,
+        "a failed reload is not a crash"
+    );
     assert!(spawns(&h.run(Duration::from_secs(1))).is_empty());
 }
 
@@ -724,7 +773,10 @@ fn a_generation_not_ready_in_time_rolls_back() {
     let out = h.run(Duration::from_millis(10_100));
     let mut k = kills(&out);
     k.sort();
-    assert_eq!(k, new, "starting workers of a rolled-back generation are killed");
+    assert_eq!(
+        k, new,
+        "starting workers of a rolled-back generation are killed"
+    );
     assert!(!replies(&out)[0].1.ok);
     assert_eq!(h.generation(), 1);
 }
@@ -741,15 +793,14 @@ fn reloads_during_a_rollover_coalesce_into_one_follow_up() {
     let out = [h.ready_all(), h.tick(), h.exit_drained(), h.tick()].concat();
     assert_eq!(replies(&out).len(), 1);
     assert_eq!(
-        out.iter().filter(|a| matches!(a, Action::Load { .. })).count(),
+        out.iter()
+            .filter(|a| matches!(a, Action::Load { .. }))
+            .count(),
         1
     );
     let out = [h.ready_all(), h.tick(), h.exit_drained(), h.tick()].concat();
     let r = replies(&out);
-    assert_eq!(
-        r.iter().map(|(to, _)| to.0).collect::<Vec<_>>(),
-        vec![2, 3]
-    );
+    assert_eq!(r.iter().map(|(to, _)| to.0).collect::<Vec<_>>(), vec![2, 3]);
     assert!(r.iter().all(|(_, r)| r.ok));
     assert_eq!(h.generation(), 3);
 }
@@ -803,7 +854,10 @@ fn an_old_worker_overrunning_its_drain_is_killed_and_its_connections_reported_cu
     let out = h.run(Duration::from_secs(7));
     assert_eq!(kills(&out), vec![old]);
     let out = [h.exit(old, killed()), h.tick()].concat();
-    assert!(replies(&out)[0].1.ok, "a reload that cut connections still succeeds");
+    assert!(
+        replies(&out)[0].1.ok,
+        "a reload that cut connections still succeeds"
+    );
     assert_eq!(h.sup.last_reload().unwrap().connections_cut, 4);
     // systemd was told to wait longer meanwhile.
     assert!(
@@ -1087,7 +1141,11 @@ fn the_lifecycle_decides_slot_service_and_status_names() {
     assert_eq!(w.life.name(), "retiring");
     let mut out = Vec::new();
     w.drain(Retire::Shutdown, Duration::from_secs(1), now, &mut out);
-    assert_eq!(w.retire(), Some(&Retire::ScaledDown), "the first reason stays");
+    assert_eq!(
+        w.retire(),
+        Some(&Retire::ScaledDown),
+        "the first reason stays"
+    );
     assert_eq!(out.len(), 2, "a heartbeat, then the drain");
     assert!(w.kill("test".into()));
     assert!(!w.kill("again".into()));

@@ -35,8 +35,7 @@ impl Supervisor {
                     format!("hung, no heartbeat answer for {} ms", silent.as_millis())
                 }
                 Life::Starting
-                    if now.saturating_duration_since(w.started.max(excused_at))
-                        > ready_timeout =>
+                    if now.saturating_duration_since(w.started.max(excused_at)) > ready_timeout =>
                 {
                     about!(warn, w, "not ready after {ready_timeout:?}: killing it");
                     format!("not ready within ready_timeout ({ready_timeout:?})")
@@ -97,11 +96,13 @@ impl Supervisor {
             return;
         }
         let generation = self.pool.generation;
-        let held = self.pool.held_slots(generation);
-        for slot in 0..self.pool.slots.len() {
-            if held[slot] || now < self.pool.slots[slot].next_start {
-                continue;
-            }
+        let due: Vec<usize> = (self.pool.held_slots(generation).into_iter())
+            .zip(&self.pool.slots)
+            .enumerate()
+            .filter(|(_, (held, s))| !held && now >= s.next_start)
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in due {
             self.spawn(generation, slot);
         }
     }
@@ -111,9 +112,7 @@ impl Supervisor {
         let config = self.config_of(generation);
         let request_limit = if config.max_requests > 0 {
             let jitter = config.max_requests_jitter;
-            config
-                .max_requests
-                .saturating_add(self.rng.u64(0..=jitter))
+            config.max_requests.saturating_add(self.rng.u64(0..=jitter))
         } else {
             0
         };
@@ -241,4 +240,3 @@ impl Supervisor {
         }
     }
 }
-

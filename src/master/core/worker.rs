@@ -253,7 +253,10 @@ impl Worker {
         let pinged = matches!(self.life, Life::Ready | Life::Retiring(_));
         if pinged {
             self.ping_seq += 1;
-            out.push(Action::Send(self.pid, ToWorker::Ping { seq: self.ping_seq }));
+            out.push(Action::Send(
+                self.pid,
+                ToWorker::Ping { seq: self.ping_seq },
+            ));
         }
         out.push(Action::Send(self.pid, ToWorker::drain(timeout)));
         self.life = Life::Draining {
