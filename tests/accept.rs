@@ -19,6 +19,7 @@ fn jain(counts: &[u64]) -> f64 {
 
 #[test]
 fn round_robin_spreads_connections_evenly() {
+    let _heavy = common::heavy();
     let srv = Server::start(Launch::default().args(&["--accept", "round-robin", "--workers", "2"]));
     let mut counts = [0u64; 2];
     for _ in 0..200 {
@@ -50,6 +51,7 @@ fn round_robin_spreads_connections_evenly() {
 
 #[test]
 fn handed_over_connections_survive_a_worker_that_dies_before_taking_them() {
+    let _heavy = common::heavy();
     let srv = Server::start(Launch::default().args(&["--accept", "round-robin", "--workers", "2"]));
     let ws = srv.workers();
     let victim = ws[0].1;
@@ -81,6 +83,7 @@ fn handed_over_connections_survive_a_worker_that_dies_before_taking_them() {
 
 #[test]
 fn round_robin_chaos_under_load_loses_only_in_flight_requests() {
+    let _heavy = common::heavy();
     let srv = Server::start(Launch::default().args(&["--accept", "round-robin"]));
     let stop = Arc::new(AtomicBool::new(false));
     let handles = load(srv.port, 2, 2, stop.clone());
@@ -109,6 +112,7 @@ fn round_robin_chaos_under_load_loses_only_in_flight_requests() {
 
 #[test]
 fn round_robin_reload_fails_no_request() {
+    let _heavy = common::heavy();
     let srv = Server::start(Launch::default().args(&["--accept", "round-robin"]));
     let stop = Arc::new(AtomicBool::new(false));
     let handles = load(srv.port, 2, 2, stop.clone());
@@ -157,6 +161,7 @@ fn accept_strategy_change_on_reload_waits_for_a_restart() {
 
 #[test]
 fn shared_accept_spreads_a_burst_of_keepalive_connections() {
+    let _heavy = common::heavy();
     let srv = Server::start(Launch::default().args(&["--workers", "2"]));
     // A burst, as a benchmark or a reconnecting proxy opens them: all at once.
     let mut conns: Vec<Conn> = (0..64).map(|_| Conn::open(srv.port).unwrap()).collect();

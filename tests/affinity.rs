@@ -183,6 +183,7 @@ fn wait_allowed(pid: i32, want: &str, timeout: Duration) -> Option<Duration> {
 
 #[test]
 fn auto_widens_the_worker_of_a_hogged_cpu_and_pins_it_again() {
+    let _heavy = common::heavy();
     let t = "auto_widens_the_worker_of_a_hogged_cpu_and_pins_it_again";
     if !quiet_host(t) {
         return;
@@ -248,6 +249,7 @@ fn auto_widens_the_worker_of_a_hogged_cpu_and_pins_it_again() {
 
 #[test]
 fn pin_stays_pinned_under_a_hog() {
+    let _heavy = common::heavy();
     if ncpus() < 2 {
         eprintln!("pin_stays_pinned_under_a_hog: NOT RUN: needs 2 CPUs");
         return;
@@ -273,6 +275,7 @@ fn pin_stays_pinned_under_a_hog() {
 
 #[test]
 fn auto_on_an_idle_host_with_symmetric_load_keeps_one_worker_per_cpu() {
+    let _heavy = common::heavy();
     let t = "auto_on_an_idle_host_with_symmetric_load_keeps_one_worker_per_cpu";
     if !quiet_host(t) {
         return;
@@ -303,6 +306,7 @@ fn auto_on_an_idle_host_with_symmetric_load_keeps_one_worker_per_cpu() {
 
 #[test]
 fn none_and_a_cpu_list_set_fixed_masks() {
+    let _heavy = common::heavy();
     if ncpus() < 2 {
         eprintln!("none_and_a_cpu_list_set_fixed_masks: NOT RUN: needs 2 CPUs");
         return;
@@ -332,6 +336,7 @@ fn none_and_a_cpu_list_set_fixed_masks() {
 
 #[test]
 fn numa_interleave_reaches_the_worker() {
+    let _heavy = common::heavy();
     let srv = Server::with_config("numa = \"interleave\"\nworkers = 1\n", &[]);
     let pid = srv.workers()[0].1;
     let nodes = std::fs::read_to_string("/sys/devices/system/node/has_memory")

@@ -437,6 +437,7 @@ fn client_escapes_control_characters_from_the_reply() {
 
 #[test]
 fn client_gives_up_on_a_silent_master() {
+    let _heavy = common::heavy();
     let t = tempfile::tempdir().unwrap();
     let path = t.path().join("control.sock");
     fake_master(&path, |s| {
@@ -468,6 +469,7 @@ fn client_gives_up_on_a_silent_master() {
 
 #[test]
 fn client_gives_up_on_a_master_that_drips() {
+    let _heavy = common::heavy();
     let t = tempfile::tempdir().unwrap();
     let path = t.path().join("control.sock");
     fake_master(&path, |mut s| {
@@ -491,6 +493,7 @@ fn client_gives_up_on_a_master_that_drips() {
 
 #[test]
 fn client_caps_an_endless_reply() {
+    let _heavy = common::heavy();
     let t = tempfile::tempdir().unwrap();
     let path = t.path().join("control.sock");
     fake_master(&path, |mut s| {

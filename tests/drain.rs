@@ -59,6 +59,7 @@ fn readiness(srv: &Server) -> String {
 
 #[test]
 fn stop_answers_503_on_the_ready_path_for_drain_delay_while_every_other_request_is_served() {
+    let _heavy = common::heavy();
     let dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::new(dir.path());
     let mut srv = Server::spawn(
@@ -130,6 +131,7 @@ fn stop_answers_503_on_the_ready_path_for_drain_delay_while_every_other_request_
 
 #[test]
 fn without_drain_delay_a_stop_is_immediate_and_a_second_signal_skips_the_delay() {
+    let _heavy = common::heavy();
     let mut srv = Server::start(Launch::default().args(&["--workers", "1"]));
     let t0 = Instant::now();
     srv.signal(libc::SIGTERM);
@@ -195,6 +197,7 @@ fn readiness_answers_200_only_after_ready() {
 
 #[test]
 fn app_drain_and_undrain_and_a_reload_keeps_the_drain() {
+    let _heavy = common::heavy();
     let metrics_port = free_port();
     let metrics = format!("127.0.0.1:{metrics_port}");
     let mut srv = Server::start(Launch::default().args(&[

@@ -96,6 +96,7 @@ fn workers_are_pinned_one_cpu_each() {
 
 #[test]
 fn affinity_restricted_master_respects_its_cpuset() {
+    let _heavy = common::heavy();
     // As under CPUAffinity= or a cgroup cpuset: only CPU 0 allowed.
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -159,6 +160,7 @@ fn sigterm_lets_a_slow_request_finish() {
 
 #[test]
 fn shutdown_timeout_cuts_what_overruns() {
+    let _heavy = common::heavy();
     let mut srv = Server::start(Launch::default().args(&["--shutdown-timeout", "300ms"]));
     let port = srv.port;
     let slow = std::thread::spawn(move || get(port, "/sleep?ms=5000"));

@@ -74,6 +74,7 @@ fn malformed_and_oversized_requests_get_4xx_and_workers_live() {
 
 #[test]
 fn slowloris_is_cut_off_without_slowing_anyone() {
+    let _heavy = common::heavy();
     let srv = Server::with_config("[http]\nheader_read_timeout = \"2s\"\n", &[]);
     let before: Vec<i32> = srv.workers().iter().map(|w| w.1).collect();
     let n = 300;
@@ -133,6 +134,7 @@ fn slowloris_is_cut_off_without_slowing_anyone() {
 
 #[test]
 fn idle_keepalive_connections_are_closed_after_the_idle_timeout() {
+    let _heavy = common::heavy();
     let srv = Server::with_config(
         "[http]\nkeepalive_timeout = \"500ms\"\nheader_read_timeout = \"5s\"\n",
         &[],
@@ -153,6 +155,7 @@ fn idle_keepalive_connections_are_closed_after_the_idle_timeout() {
 
 #[test]
 fn max_connections_makes_a_worker_wait_not_fail() {
+    let _heavy = common::heavy();
     let srv = Server::with_config("[http]\nmax_connections = 2\n", &["--workers", "1"]);
     let before: Vec<i32> = srv.workers().iter().map(|w| w.1).collect();
     let mut a = Conn::open(srv.port).unwrap();
@@ -194,6 +197,7 @@ fn cpu_ticks(pid: i32) -> u64 {
 
 #[test]
 fn descriptor_exhaustion_backs_off_and_recovers() {
+    let _heavy = common::heavy();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let log = dir.path().join("log");

@@ -57,6 +57,7 @@ fn worker_memory(pid: i32) -> u64 {
 
 #[test]
 fn a_trickled_body_is_cut_at_the_minimum_rate() {
+    let _heavy = common::heavy();
     let srv = Server::with_config(
         "workers = 1\n[http]\nbody_read_timeout = \"2s\"\nmin_body_rate = 100\n",
         &[],
@@ -99,6 +100,7 @@ fn a_trickled_body_is_cut_at_the_minimum_rate() {
 
 #[test]
 fn expect_100_continue_without_a_body_is_cut() {
+    let _heavy = common::heavy();
     let srv = Server::with_config("workers = 1\n[http]\nbody_read_timeout = \"1s\"\n", &[]);
     let mut s = connect(srv.port);
     s.write_all(

@@ -97,6 +97,7 @@ fn mkfifo(path: &Path) {
 /// serve every client.
 #[test]
 fn round_robin_master_keeps_descriptors_for_itself_under_a_connection_flood() {
+    let _heavy = common::heavy();
     const LIMIT: u64 = 256;
     const CLIENTS: usize = 600;
     let mut srv = start(&[
@@ -206,6 +207,7 @@ fn round_robin_master_keeps_descriptors_for_itself_under_a_connection_flood() {
 /// two charged start failures would make the master give up).
 #[test]
 fn spawn_failures_for_want_of_descriptors_back_off_off_the_budget() {
+    let _heavy = common::heavy();
     let mut srv = start(&["--workers", "2", "--restart-limit", "2"]);
     let master = srv.pid();
     let soft = soft_nofile(master);
@@ -246,6 +248,7 @@ fn spawn_failures_for_want_of_descriptors_back_off_off_the_budget() {
 
 #[test]
 fn a_stopped_master_does_not_kill_its_healthy_workers_when_it_resumes() {
+    let _heavy = common::heavy();
     let srv = start(&["--workers", "2", "--heartbeat-interval", "200ms"]);
     let before: Vec<i32> = srv.workers().iter().map(|w| w.1).collect();
     let stop = Arc::new(AtomicBool::new(false));
@@ -282,6 +285,7 @@ fn a_stopped_master_does_not_kill_its_healthy_workers_when_it_resumes() {
 
 #[test]
 fn a_fifo_as_config_file_exits_78_at_start() {
+    let _heavy = common::heavy();
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("app.toml");
     mkfifo(&fifo);
@@ -314,6 +318,7 @@ fn a_fifo_as_config_file_exits_78_at_start() {
 
 #[test]
 fn a_fifo_as_config_file_fails_the_reload_and_the_old_generation_serves() {
+    let _heavy = common::heavy();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("app.toml");
     std::fs::write(&file, "workers = 1\n").unwrap();
@@ -350,6 +355,7 @@ fn a_fifo_as_config_file_fails_the_reload_and_the_old_generation_serves() {
 
 #[test]
 fn a_reload_that_cuts_connections_says_how_many() {
+    let _heavy = common::heavy();
     let srv = start(&[
         "--workers",
         "1",
@@ -377,6 +383,7 @@ fn a_reload_that_cuts_connections_says_how_many() {
 
 #[test]
 fn a_stopped_old_worker_does_not_hold_up_a_reload() {
+    let _heavy = common::heavy();
     let srv = start(&[
         "--workers",
         "1",
@@ -399,6 +406,7 @@ fn a_stopped_old_worker_does_not_hold_up_a_reload() {
 
 #[test]
 fn requests_total_counts_every_request_across_a_reload() {
+    let _heavy = common::heavy();
     let srv = start(&["--workers", "1"]);
     // Every start-up request has been reported (heartbeats come every second).
     std::thread::sleep(Duration::from_millis(2500));
@@ -421,6 +429,7 @@ fn requests_total_counts_every_request_across_a_reload() {
 /// limit from there is noticed within 400 ms (three times in a row).
 #[test]
 fn a_worker_near_its_memory_limit_is_checked_sooner() {
+    let _heavy = common::heavy();
     let srv = start(&["--chaos", "--workers", "1", "--max-memory", "64MiB"]);
     let mut took = Vec::new();
     for _ in 0..3 {
@@ -458,6 +467,7 @@ fn a_worker_near_its_memory_limit_is_checked_sooner() {
 /// (Heartbeats every 10 s: 1 040 debug-build workers on a 2-core machine answer slowly.)
 #[test]
 fn a_pool_above_511_workers_reloads() {
+    let _heavy = common::heavy();
     let srv = Server::spawn(
         Launch {
             binary: Some(app_bin()),

@@ -134,6 +134,7 @@ fn wait_full(srv: &Server) {
 
 #[test]
 fn endpoint_parses_and_totals_equal_the_requests_sent() {
+    let _heavy = common::heavy();
     require_parser();
     let (srv, mport) = start(&["--workers", "2"]);
     wait_full(&srv);
@@ -217,6 +218,7 @@ fn endpoint_parses_and_totals_equal_the_requests_sent() {
 
 #[test]
 fn counters_never_go_backwards_across_kill_recycling_and_reloads() {
+    let _heavy = common::heavy();
     require_parser();
     let (srv, mport) = start(&["--workers", "2", "--max-requests", "150"]);
     wait_full(&srv);
@@ -368,6 +370,7 @@ fn program(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn the_services_own_metrics_appear_summed_across_workers() {
+    let _heavy = common::heavy();
     require_parser();
     let mport = free_port();
     let maddr = format!("127.0.0.1:{mport}");
@@ -412,6 +415,7 @@ fn the_services_own_metrics_appear_summed_across_workers() {
 
 #[test]
 fn every_series_the_shipped_dashboard_queries_is_on_the_endpoint() {
+    let _heavy = common::heavy();
     require_parser();
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(

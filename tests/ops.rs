@@ -229,6 +229,7 @@ fn version_names_the_commit_or_unknown() {
 
 #[test]
 fn status_shows_versions_cpu_and_request_rates_under_load() {
+    let _heavy = common::heavy();
     let srv =
         Server::start(Launch::default().args(&["--workers", "2", "--heartbeat-interval", "250ms"]));
     let v = version();
@@ -342,6 +343,7 @@ fn restart_only_keys_are_named_and_the_rest_applies() {
 
 #[test]
 fn status_watch_repeats_until_stopped() {
+    let _heavy = common::heavy();
     let srv = Server::start(Launch::default().args(&["--workers", "1"]));
     let mut child = Command::new(APP)
         .args([

@@ -536,6 +536,7 @@ fn curl_speaks_h2c_with_prior_knowledge() {
 
 #[test]
 fn hundred_concurrent_streams_on_one_http2_connection() {
+    let _heavy = common::heavy();
     let srv = Server::start(Launch::default());
     let port = srv.port;
     let (elapsed, workers) = runtime().block_on(async move {
@@ -637,6 +638,7 @@ fn http2_request_bodies_are_echoed_and_limited() {
 
 #[test]
 fn reloads_under_http2_load_fail_no_request() {
+    let _heavy = common::heavy();
     let srv = Server::start(Launch::default());
     let port = srv.port;
     let stop = Arc::new(AtomicBool::new(false));
@@ -793,6 +795,7 @@ fn axum_state_counts_per_worker_with_the_prefix_from_the_config() {
 
 #[test]
 fn axum_state_rejects_a_long_prefix_at_start_and_on_reload() {
+    let _heavy = common::heavy();
     // At start: exit 78, nothing served.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");

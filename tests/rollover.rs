@@ -23,6 +23,7 @@ fn reload(srv: &Server) -> (bool, String) {
 
 #[test]
 fn twenty_reloads_under_load_fail_no_request() {
+    let _heavy = common::heavy();
     let srv = Server::start(Launch::default());
     let stop = Arc::new(AtomicBool::new(false));
     let handles = load(srv.port, 3, 3, stop.clone());
@@ -235,6 +236,7 @@ fn back_to_back_reloads_coalesce() {
 
 #[test]
 fn keepalive_clients_get_connection_close_during_drain() {
+    let _heavy = common::heavy();
     let srv = Server::start(Launch::default().args(&["--workers", "1"]));
     let mut c = Conn::open(srv.port).unwrap();
     assert_eq!(c.get("/").unwrap().status, 200);
@@ -374,6 +376,7 @@ fn client_without_a_master_exits_69() {
 
 #[test]
 fn long_drain_extends_the_timeout_and_cuts_what_overruns() {
+    let _heavy = common::heavy();
     let dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::new(dir.path());
     let srv = Server::start(

@@ -263,6 +263,7 @@ fn sessions_resume_on_another_worker_process_with_tls12_and_tls13() {
 
 #[test]
 fn a_reload_rotates_the_certificate_with_no_failed_request() {
+    let _heavy = common::heavy();
     let ca = ca();
     let dir = tempfile::tempdir().unwrap();
     write_pair(dir.path(), &leaf(&ca, 0x1111, false));

@@ -10,7 +10,7 @@
 //! 1. the event that woke the loop goes to the core;
 //! 2. [`read_last_words`](Master::read_last_words) and [`reap`](Master::reap): exited
 //!    workers, each an [`Event::Exited`];
-//! 3. [`check_limits`](Master::check_limits): memory, read from `/proc` and handed to the
+//! 3. [`read_memory`](Master::read_memory): memory, read from `/proc` and handed to the
 //!    core, once a second (every 150 ms for a worker near its limit or growing fast);
 //! 4. [`balance_affinity`](Master::balance_affinity): under `cpu_affinity = auto`;
 //! 5. [`Event::Tick`]: the core's own steps (hung workers, rollover, refill, stop, report);
@@ -282,7 +282,8 @@ impl Master {
             self.read_last_words().await;
             self.reap().await;
             let now = Instant::now();
-            self.check_limits(now).await;
+            self.read_memory(now).await;
+            self.update_conn_cap(now);
             self.balance_affinity(now);
             self.step(Event::Tick).await;
             if let Some(code) = self.exit {
@@ -482,13 +483,8 @@ impl Master {
 
     /// Memory, read once a second, or every [`MEMORY_CHECK_FAST`] while a worker is above
     /// half the limit or grew by more than an eighth of it since the last check; the core
-    /// recycles what is over. (Round-robin: the connection cap follows the descriptor limit
-    /// at the same pace.)
-    async fn check_limits(&mut self, now: Instant) {
-        if self.round_robin.is_some() && now >= self.next_cap_update {
-            self.next_cap_update = now + MEMORY_CHECK;
-            dispatch::update_cap(&self.conn_budget, self.core.pool().slots.len());
-        }
+    /// recycles what is over.
+    async fn read_memory(&mut self, now: Instant) {
         if self.memory_sweep.is_empty() {
             if now < self.next_memory_check {
                 return;
@@ -530,6 +526,14 @@ impl Master {
     }
 
     // ---- carrying out ----------------------------------------------------------------------
+
+    /// Round-robin: the connection cap follows the descriptor limit, once a second.
+    fn update_conn_cap(&mut self, now: Instant) {
+        if self.round_robin.is_some() && now >= self.next_cap_update {
+            self.next_cap_update = now + MEMORY_CHECK;
+            dispatch::update_cap(&self.conn_budget, self.core.pool().slots.len());
+        }
+    }
 
     /// [`Action::Load`]: the configuration file re-read and the binary now on disk opened.
     fn load(&mut self, generation: u64) -> Result<Box<Config>, String> {

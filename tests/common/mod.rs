@@ -562,3 +562,15 @@ pub fn spawn_named_sockets(
     };
     (srv, ports)
 }
+
+/// Tests run side by side (`cargo test` runs each file's tests on one thread per CPU), but
+/// those that load the machine or measure time against a bound take this first, so that no
+/// two of them run at once: a load generator beside a latency bound is what makes a bound
+/// flaky on a 2-core machine. Light tests still run beside a heavy one. (The exact bounds of
+/// supervision — hang detection, backoff, deadlines — are unit tests of the master's core,
+/// with a fake clock.)
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: Mutex<()> = Mutex::new(());
+    // A heavy test that failed poisons the lock; the next one may still run.
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -88,17 +88,7 @@ impl Supervisor {
                 w.pong_seq = w.pong_seq.max(seq);
                 w.requests = requests;
                 w.connections = connections;
-                if w.request_limit > 0 && requests >= w.request_limit && w.life == Life::Ready {
-                    about!(
-                        info,
-                        w,
-                        "served {requests} requests (max_requests): recycling it"
-                    );
-                    w.retire_later(Retire::Recycle {
-                        why: format!("served {requests} requests"),
-                        cause: Recycle::Requests,
-                    });
-                }
+                self.check_limits(pid);
             }
             ToMaster::Leaving { reason, planned } => {
                 if w.is_killed() {
@@ -289,23 +279,48 @@ impl Supervisor {
         }
     }
 
-    /// A memory reading: over `max_memory`, a serving worker is recycled.
-    pub(super) fn check_memory(&mut self, pid: i32, charged: u64) {
-        let max = self.config.max_memory;
+    /// A memory reading.
+    pub(super) fn on_memory(&mut self, pid: i32, charged: u64) {
+        if let Some(w) = self.pool.workers.get_mut(&pid) {
+            w.memory = charged;
+            self.check_limits(pid);
+        }
+    }
+
+    /// The limits, in one place: a serving worker that has served its `max_requests` (with
+    /// jitter), or uses more than `max_memory`, is recycled: its replacement starts, and it
+    /// drains once that one is ready. Checked whenever a figure changes: a heartbeat answer
+    /// brings the request count, the shell's memory sweep the memory.
+    fn check_limits(&mut self, pid: i32) {
+        let max_memory = self.config.max_memory;
         let Some(w) = self.pool.workers.get_mut(&pid) else {
             return;
         };
-        if max > 0 && charged > max && w.life == Life::Ready {
+        if w.life != Life::Ready {
+            return;
+        }
+        let requests = w.requests;
+        if w.request_limit > 0 && requests >= w.request_limit {
+            about!(
+                info,
+                w,
+                "served {requests} requests (max_requests): recycling it"
+            );
+            w.retire_later(Retire::Recycle {
+                why: format!("served {requests} requests"),
+                cause: Recycle::Requests,
+            });
+        } else if max_memory > 0 && w.memory > max_memory {
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
             about!(
                 info,
                 w,
                 "uses {:.1} MiB > max_memory {:.1} MiB: recycling it",
-                mib(charged),
-                mib(max)
+                mib(w.memory),
+                mib(max_memory)
             );
             w.retire_later(Retire::Recycle {
-                why: format!("memory {:.1} MiB over max_memory", mib(charged)),
+                why: format!("memory {:.1} MiB over max_memory", mib(w.memory)),
                 cause: Recycle::Memory,
             });
         }

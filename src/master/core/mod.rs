@@ -364,7 +364,7 @@ impl Supervisor {
                 host_resource,
             } => self.on_spawn_failed(generation, slot, error, host_resource, now),
             Event::Loaded { generation, result } => self.on_loaded(generation, result, now),
-            Event::Memory { pid, charged } => self.check_memory(pid, charged),
+            Event::Memory { pid, charged } => self.on_memory(pid, charged),
         }
         std::mem::take(&mut self.out)
     }

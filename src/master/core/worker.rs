@@ -144,6 +144,8 @@ pub struct Worker {
     pub pong_seq: u64,
     pub requests: u64,
     pub connections: u64,
+    /// Bytes charged against `max_memory` at the latest reading.
+    pub memory: u64,
     /// `max_requests` with its jitter, 0 for none.
     pub request_limit: u64,
     /// Its channel reported end of file: nothing more will come from it.
@@ -167,6 +169,7 @@ impl Worker {
             pong_seq: 0,
             requests: 0,
             connections: 0,
+            memory: 0,
             request_limit: 0,
             channel_closed: false,
             version: None,
