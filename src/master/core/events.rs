@@ -7,36 +7,10 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use super::worker::{self, Life, Recycle, Retire, Worker};
-use super::{Action, Cause, Count, ExitStatus, Phase, STALL, Supervisor, budget};
+use super::{Action, Cause, Count, ExitStatus, Phase, Supervisor, budget};
 use crate::ipc::ToMaster;
 
 impl Supervisor {
-    /// Notices that the loop itself stalled (the master was stopped, or something blocked
-    /// it): the workers could not be heard meanwhile, so they are not blamed for it. Every
-    /// heartbeat clock restarts (each worker gets a full silence window from now, and is
-    /// pinged at once), and drain and rollover deadlines move by the stall.
-    pub(super) fn check_stall(&mut self, now: Instant) {
-        let gap = now.saturating_duration_since(self.last_event);
-        self.last_event = self.last_event.max(now);
-        if gap <= STALL {
-            return;
-        }
-        warn!(
-            "master loop stalled for {} ms (stopped or blocked): restarting heartbeat clocks instead of blaming workers",
-            gap.as_millis()
-        );
-        self.excused_at = now;
-        self.next_heartbeat = now;
-        for w in self.pool.workers.values_mut() {
-            if let Life::Draining { deadline, .. } = &mut w.life {
-                *deadline += gap;
-            }
-        }
-        if let Phase::Rolling(r) = &mut self.phase {
-            r.postpone(gap);
-        }
-    }
-
     pub(super) fn on_message(&mut self, pid: i32, msg: ToMaster, now: Instant) {
         let drain_timeout = self.config.drain_timeout;
         let Some(w) = self.pool.workers.get_mut(&pid) else {

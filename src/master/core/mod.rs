@@ -59,8 +59,9 @@ use pool::Pool;
 use rollover::Rollover;
 use worker::{Liveness, Worker};
 
-/// A gap this long between two events (the loop wakes at least every 50 ms) means the
-/// master itself stalled.
+/// A gap this long between two turns (the loop wakes at least every 50 ms, and every wake
+/// ends with a turn) means the master itself stalled: it was stopped, or a turn took that
+/// long (starting hundreds of workers, say) while no worker could be heard.
 pub const STALL: Duration = Duration::from_millis(250);
 
 /// Where a reply to a control client goes: the shell keeps the client's channel under this
@@ -260,8 +261,8 @@ pub struct Supervisor {
     started: Instant,
     next_heartbeat: Instant,
     next_watchdog: Instant,
-    /// When the last event arrived, to notice that the loop stalled.
-    last_event: Instant,
+    /// When the last turn ended, to notice that the loop stalled.
+    last_tick: Instant,
     /// When the loop last recovered from a stall: heartbeat silence and start-up time are
     /// counted from no earlier than this.
     excused_at: Instant,
@@ -295,7 +296,7 @@ impl Supervisor {
             started: now,
             next_heartbeat: now,
             next_watchdog: now,
-            last_event: now,
+            last_tick: now,
             excused_at: now,
             spawn_failures: 0,
             last_spawn_error: None,
@@ -315,7 +316,6 @@ impl Supervisor {
 
     /// Handles one event at `now`; returns what to do, in order.
     pub fn on(&mut self, event: Event, now: Instant) -> Vec<Action> {
-        self.check_stall(now);
         match event {
             Event::Tick => self.turn(now),
             Event::Stop { why, fast } => self.request_stop(why, fast, now),
@@ -370,6 +370,7 @@ impl Supervisor {
     }
 
     fn turn(&mut self, now: Instant) {
+        self.check_stall(now);
         self.murder_hung(now);
         self.advance_rollover(now);
         self.spawn_to_target(now);

@@ -1,17 +1,43 @@
 //! The steps every turn of the master's loop ends with ([`super::Event::Tick`]), in order:
-//! hung workers, the rollover (in [`super::rollover`]), refilling slots, the end of the
+//! the master's own stall, hung workers, the rollover (in [`super::rollover`]), refilling slots, the end of the
 //! boot, the stop (in [`super::stop`]), and what systemd and load balancers are told.
 
 use std::time::Instant;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::worker::{Heard, Life};
-use super::{Action, Notify, Phase, Supervisor};
+use super::{Action, Notify, Phase, STALL, Supervisor};
 use crate::ipc::ToWorker;
 use crate::loadboard::Readiness;
 
 impl Supervisor {
+    /// Notices that the loop itself stalled (the master was stopped, or something blocked
+    /// it): the workers could not be heard meanwhile, so they are not blamed for it. Every
+    /// heartbeat clock restarts (each worker gets a full silence window from now, and is
+    /// pinged at once), and drain and rollover deadlines move by the stall.
+    pub(super) fn check_stall(&mut self, now: Instant) {
+        let gap = now.saturating_duration_since(self.last_tick);
+        self.last_tick = self.last_tick.max(now);
+        if gap <= STALL {
+            return;
+        }
+        warn!(
+            "master loop stalled for {} ms (stopped or blocked): restarting heartbeat clocks instead of blaming workers",
+            gap.as_millis()
+        );
+        self.excused_at = now;
+        self.next_heartbeat = now;
+        for w in self.pool.workers.values_mut() {
+            if let Life::Draining { deadline, .. } = &mut w.life {
+                *deadline += gap;
+            }
+        }
+        if let Phase::Rolling(r) = &mut self.phase {
+            r.postpone(gap);
+        }
+    }
+
     /// Kills workers that stopped answering heartbeats (serving or draining), or never
     /// became ready, or overran their drain; then sends the next heartbeat.
     pub(super) fn murder_hung(&mut self, now: Instant) {
