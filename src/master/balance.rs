@@ -26,6 +26,30 @@ pub struct Balance {
     pub stat_missing_logged: bool,
 }
 
+/// How a worker got the CPUs it may run on (`affinity` in `app status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// On its slot's home CPU alone (`pin`, and `auto` while that is free).
+    Pinned,
+    /// `auto` let it onto other CPUs while its own is contended.
+    Widened,
+    /// `cpu_affinity = "none"`: every CPU the master may use.
+    Unpinned,
+    /// An explicit list.
+    List,
+}
+
+impl Placement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Pinned => "pinned",
+            Placement::Widened => "widened",
+            Placement::Unpinned => "none",
+            Placement::List => "list",
+        }
+    }
+}
+
 impl Balance {
     pub fn new(setting: CpuAffinity, allowed: Vec<usize>, now: Instant) -> Balance {
         let policy = (setting == CpuAffinity::Auto)
@@ -39,12 +63,12 @@ impl Balance {
         }
     }
 
-    /// The mask a new worker of a slot homed on `cpu` starts with, and its mode's name.
-    pub fn initial(&self, cpu: usize) -> (Vec<usize>, &'static str) {
+    /// The mask a new worker of a slot homed on `cpu` starts with, and how it got it.
+    pub fn initial(&self, cpu: usize) -> (Vec<usize>, Placement) {
         match &self.setting {
-            CpuAffinity::Auto | CpuAffinity::Pin => (vec![cpu], "pinned"),
-            CpuAffinity::None => (self.allowed.clone(), "none"),
-            CpuAffinity::List(l) => (l.clone(), "list"),
+            CpuAffinity::Auto | CpuAffinity::Pin => (vec![cpu], Placement::Pinned),
+            CpuAffinity::None => (self.allowed.clone(), Placement::Unpinned),
+            CpuAffinity::List(l) => (l.clone(), Placement::List),
         }
     }
 }
@@ -111,8 +135,8 @@ impl Master {
         };
         for d in decisions {
             let (pid, mask, mode, why) = match d {
-                Decision::Widen { pid, mask, why, .. } => (pid, mask, "widened", why),
-                Decision::Pin { pid, cpu, why } => (pid, vec![cpu], "pinned", why),
+                Decision::Widen { pid, mask, why, .. } => (pid, mask, Placement::Widened, why),
+                Decision::Pin { pid, cpu, why } => (pid, vec![cpu], Placement::Pinned, why),
             };
             let Some(w) = self.processes.get_mut(&pid) else {
                 continue;
@@ -122,7 +146,7 @@ impl Master {
                 Ok(()) => {
                     w.mask = mask;
                     w.affinity = mode;
-                    about!(info, w, "{mode} to CPUs {list}: {why}");
+                    about!(info, w, "{} to CPUs {list}: {why}", mode.as_str());
                 }
                 Err(e) => about!(warn, w, "cannot set its CPU affinity to {list}: {e}"),
             }

@@ -30,10 +30,9 @@ pub struct Process {
     pub memory: Memory,
     /// The latest heartbeat sent: its seq and when (for the round trip in the metrics).
     pub ping: Option<(u64, Instant)>,
-    /// The CPUs it may run on now, and how it got them (`pinned`, `widened`, `none`,
-    /// `list`).
+    /// The CPUs it may run on now, and how it got them.
     pub mask: Vec<usize>,
-    pub affinity: &'static str,
+    pub affinity: super::balance::Placement,
 }
 
 impl Process {

@@ -76,7 +76,7 @@ impl Master {
                     },
                     rps_last_interval: rps,
                     p99_ms_last_interval: p99,
-                    affinity: p.affinity.into(),
+                    affinity: p.affinity.as_str().into(),
                     cpus_allowed: super::affinity::format_cpu_list(&p.mask),
                 })
             })
