@@ -46,6 +46,7 @@
 
 mod cli;
 mod config;
+mod contract;
 mod control;
 mod exit;
 #[cfg(test)]
@@ -67,6 +68,11 @@ mod worker;
 
 pub use cli::{Cli, ClientArgs, Command};
 pub use config::ServeArgs;
+/// What `app status --json` prints, typed: a program (or a test) reads it back with serde.
+pub use control::{
+    DrainReport, GenerationReport, ReloadReport, StatusReport, TlsReport, WorkerReport,
+};
+pub use loadboard::Readiness;
 pub use metrics::user::{Counter, Gauge, Histogram, MetricError, Metrics};
 pub use server::{BoxError, NoSettings, Server, Settings, Worker};
 pub use shutdown::Shutdown;

@@ -69,6 +69,7 @@ impl Readiness {
         }
     }
 
+    /// The word probes, the agent and `app status` use.
     pub fn as_str(self) -> &'static str {
         match self {
             Readiness::Starting => "starting",

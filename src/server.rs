@@ -27,9 +27,9 @@ use tower::{Service, ServiceExt};
 
 use crate::cli::{self, Command};
 use crate::config::ServeArgs;
+use crate::contract::WORKER_ENV;
 use crate::exit;
 use crate::ipc::WorkerSetup;
-use crate::master::spawn::WORKER_ENV;
 use crate::shutdown::Shutdown;
 use crate::worker::routes::{BoxHttp, BoxTcp, Handler, ResponseBody, Routes};
 use crate::worker::{Connection, RequestBody};

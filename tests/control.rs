@@ -36,7 +36,7 @@ fn skip_unless_root(what: &str) -> bool {
     if root() {
         return false;
     }
-    eprintln!("SKIPPED (not root): {what}");
+    cannot_run(&format!("{what} (needs root)"));
     true
 }
 
@@ -314,7 +314,7 @@ fn a_stale_socket_is_replaced() {
         }
         .args(&["--workers", "1"]),
     );
-    assert_eq!(srv.status().unwrap()["state"], "serving");
+    assert_eq!(srv.report().state, "serving");
     srv.signal(libc::SIGTERM);
     assert_eq!(
         srv.wait_exit(Duration::from_secs(10)).unwrap().code(),
@@ -390,7 +390,7 @@ fn request_that_is_not_utf8_gets_a_json_error() {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("no JSON reply ({e}): {line:?}"));
     assert_eq!(v["ok"], false, "{v}");
     assert!(v["error"].is_string(), "{v}");
-    assert_eq!(srv.status().unwrap()["state"], "serving");
+    assert_eq!(srv.report().state, "serving");
 }
 
 // ---- 2: the client against what answers ---------------------------------------------------
@@ -550,7 +550,7 @@ impl FakeOfAnotherUid {
     fn start(path: &Path) -> Option<FakeOfAnotherUid> {
         let python = Path::new("/usr/bin/python3");
         if !python.exists() {
-            eprintln!("SKIPPED: /usr/bin/python3 is missing (the fake master is a Python script)");
+            cannot_run("/usr/bin/python3 is missing (the fake master is a Python script)");
             return None;
         }
         let script = r#"
@@ -642,11 +642,10 @@ fn client_believes_a_master_in_a_directory_root_gave_it_but_not_through_a_link()
         m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0
     });
     if !root_only {
-        eprintln!(
-            "SKIPPED: {} is not in directories only root can write",
+        return skipped(&format!(
+            "{} is not in directories only root can write",
             base.path().display()
-        );
-        return;
+        ));
     }
     let run_app = base.path().join("run-app");
     std::fs::create_dir(&run_app).unwrap();

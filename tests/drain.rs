@@ -51,10 +51,7 @@ fn app_ready(port: u16) -> f64 {
 }
 
 fn readiness(srv: &Server) -> String {
-    srv.status().unwrap()["readiness"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    srv.report().readiness.as_str().to_string()
 }
 
 #[test]
@@ -224,7 +221,7 @@ fn app_drain_and_undrain_and_a_reload_keeps_the_drain() {
     // A new generation is still drained.
     let out = srv.client(&["reload"]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(srv.status().unwrap()["generation"], 2);
+    assert_eq!(srv.report().generation, 2);
     assert_eq!(status_of(srv.port, READY).unwrap().0, 503);
 
     let out = srv.client(&["undrain"]);
@@ -282,12 +279,12 @@ fn agent_check_answers_ready_drain_and_maint() {
     assert!(srv.client(&["undrain"]).status.success());
     assert_eq!(agent(agent_port), "ready\n");
     // Probes are not traffic: the agent's connections are not requests.
-    let before = srv.status().unwrap()["requests_total"].as_u64().unwrap();
+    let before = srv.report().requests_total;
     for _ in 0..5 {
         agent(agent_port);
     }
     std::thread::sleep(Duration::from_millis(100));
-    let after = srv.status().unwrap()["requests_total"].as_u64().unwrap();
+    let after = srv.report().requests_total;
     assert_eq!(before, after);
     srv.signal(libc::SIGTERM);
     let drained = wait_until(Duration::from_secs(2), || {

@@ -401,7 +401,7 @@ fn a_stopped_old_worker_does_not_hold_up_a_reload() {
     assert_eq!(reply["ok"], true, "{reply}");
     assert!(took < Duration::from_millis(2500), "{took:?}");
     assert!(!alive(old));
-    assert_eq!(srv.status().unwrap()["restarts_in_window"], 0);
+    assert_eq!(srv.report().restarts_in_window, 0);
 }
 
 #[test]
@@ -410,7 +410,7 @@ fn requests_total_counts_every_request_across_a_reload() {
     let srv = start(&["--workers", "1"]);
     // Every start-up request has been reported (heartbeats come every second).
     std::thread::sleep(Duration::from_millis(2500));
-    let before = srv.status().unwrap()["requests_total"].as_u64().unwrap();
+    let before = srv.report().requests_total;
     let mut c = Conn::open(srv.port).unwrap();
     for _ in 0..100 {
         assert_eq!(c.get("/").unwrap().status, 200);
@@ -418,7 +418,7 @@ fn requests_total_counts_every_request_across_a_reload() {
     drop(c);
     let reply = reload_within(&srv, Duration::from_secs(10)).expect("reload answered");
     assert_eq!(reply["ok"], true, "{reply}");
-    let after = srv.status().unwrap()["requests_total"].as_u64().unwrap();
+    let after = srv.report().requests_total;
     eprintln!("FIGURES requests_total {before} + 100 requests + a reload = {after}");
     assert_eq!(after, before + 100);
 }
@@ -458,7 +458,7 @@ fn a_worker_near_its_memory_limit_is_checked_sooner() {
         took.iter().all(|d| *d < Duration::from_millis(400)),
         "{took:?}"
     );
-    assert_eq!(srv.status().unwrap()["restarts_in_window"], 0);
+    assert_eq!(srv.report().restarts_in_window, 0);
 }
 
 // ---- the load board ------------------------------------------------------------------------

@@ -183,7 +183,7 @@ fn scale_command_resizes_the_pool() {
     assert_eq!(code(&["scale", "99999"]), Some(1));
     // Refused by the command line.
     assert_eq!(code(&["scale", "many"]), Some(64));
-    assert_eq!(srv.status().unwrap()["target_workers"], 1);
+    assert_eq!(srv.report().target_workers, 1);
     // A reload that does not change `workers` keeps it.
     assert_eq!(srv.client(&["reload"]).status.code(), Some(0));
     wait_pool(&srv, 1);
@@ -335,10 +335,7 @@ fn restart_only_keys_are_named_and_the_rest_applies() {
     // Put back, the next reload clears it.
     std::fs::write(srv.config_path(), "accept = \"shared\"\nworkers = 2\n").unwrap();
     assert_eq!(reload(&srv).0, 0);
-    assert_eq!(
-        srv.status().unwrap()["restart_needed"],
-        serde_json::json!([])
-    );
+    assert!(srv.report().restart_needed.is_empty());
 }
 
 #[test]

@@ -728,7 +728,7 @@ fn reloads_under_http2_load_fail_no_request() {
         &stats.errors[..stats.errors.len().min(10)]
     );
     assert!(stats.ok > 500, "too little load: {}", stats.ok);
-    assert_eq!(srv.status().unwrap()["generation"], 5);
+    assert_eq!(srv.report().generation, 5);
 }
 
 // ---- 5. example programs -------------------------------------------------------------------

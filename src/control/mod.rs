@@ -72,20 +72,34 @@ impl Reply {
     }
 }
 
+/// `app status`: the pool as the master sees it (`app status --json` prints it).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StatusReport {
+    /// The master's pid (systemd's `MainPID`).
     pub master_pid: u32,
+    /// `starting`, `serving`, `reloading` or `stopping`.
     pub state: String,
+    /// The generation that serves.
     pub generation: u64,
+    /// Workers the pool is kept at now.
     pub target_workers: usize,
+    /// Ready workers of the serving generation.
     pub serving_workers: usize,
+    /// Since the master started.
     pub uptime_secs: f64,
+    /// Requests answered since the master started, across reloads and restarts.
     pub requests_total: u64,
+    /// Unplanned restarts within the restart window.
     pub restarts_in_window: u32,
+    /// `restart_limit`: more restarts than this within the window and the master gives up.
     pub restart_limit: u32,
+    /// `restart_window`, in seconds.
     pub restart_window_secs: u64,
+    /// The listening sockets, described.
     pub listeners: Vec<String>,
+    /// The latest reload, successful or not.
     pub last_reload: Option<ReloadReport>,
+    /// Every live worker, of every generation.
     pub workers: Vec<WorkerReport>,
     /// Worker starts that failed for want of a host resource (descriptors, processes,
     /// memory): retried with backoff, not counted against `restart_limit`.
@@ -98,6 +112,7 @@ pub struct StatusReport {
     /// many it may hold before it stops accepting.
     #[serde(default)]
     pub master_connections: u64,
+    /// Round-robin: the most connections the master holds before it stops accepting.
     #[serde(default)]
     pub master_connection_cap: u64,
     /// The master's own build (it keeps running the binary it started from until a
@@ -124,6 +139,7 @@ pub struct StatusReport {
     pub drain: Option<DrainReport>,
 }
 
+/// A drain under way.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DrainReport {
     /// Asked for with `app drain` (lasts until `app undrain`).
@@ -134,6 +150,7 @@ pub struct DrainReport {
     pub stop_in_secs: Option<f64>,
 }
 
+/// The serving certificate.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TlsReport {
     /// The leaf certificate's serial number (hex).
@@ -144,26 +161,43 @@ pub struct TlsReport {
     pub not_after: i64,
 }
 
+/// A generation with live workers.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GenerationReport {
+    /// Its number: 1 at start, one more per reload.
     pub generation: u64,
     /// What its workers reported when they became ready; `None` before any did.
     pub version: Option<String>,
+    /// Its live workers.
     pub workers: usize,
 }
 
+/// One worker.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WorkerReport {
+    /// Its slot (`WORKER_ID` in the journal).
     pub id: usize,
+    /// Its process.
     pub pid: i32,
+    /// Its slot's home CPU.
     pub cpu: usize,
+    /// The generation it belongs to.
     pub generation: u64,
+    /// `starting`, `ready`, `retiring` (serving while its replacement starts) or
+    /// `draining`.
     pub state: String,
+    /// Since it started.
     pub uptime_secs: f64,
+    /// Requests it served, as of its latest heartbeat answer.
     pub requests: u64,
+    /// Connections it holds, as of its latest heartbeat answer.
     pub connections: u64,
+    /// Resident memory, every shared page counted in full.
     pub rss_bytes: u64,
+    /// Proportional memory (shared pages divided among their users), where the kernel
+    /// offers it: what `max_memory` is compared with.
     pub pss_bytes: Option<u64>,
+    /// Unplanned restarts of its slot since the master started.
     pub restarts: u32,
     /// The build this worker runs, as it reported when ready.
     #[serde(default)]
@@ -192,11 +226,16 @@ pub struct WorkerReport {
     pub cpus_allowed: String,
 }
 
+/// A reload's outcome.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ReloadReport {
+    /// The generation it started.
     pub generation: u64,
+    /// Whether that generation now serves.
     pub ok: bool,
+    /// What happened, or why it failed.
     pub message: String,
+    /// From the request to `READY=1`.
     pub duration_ms: u64,
     /// Connections of the old generation that were cut: their workers were still busy at
     /// `drain_timeout` (or hung while draining) and were killed.

@@ -42,10 +42,38 @@ fn field_kib(text: &str, key: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn vm_rss() -> u64 {
+        let text = std::fs::read_to_string("/proc/self/status").unwrap();
+        field_kib(&text, "VmRSS:").unwrap()
+    }
+
     #[test]
-    fn reads_own_memory() {
-        let m = super::read(std::process::id() as i32).unwrap();
-        assert!(m.rss > 0);
-        assert!(m.charged() > 0);
+    fn reads_own_memory_and_sees_it_grow() {
+        let me = std::process::id() as i32;
+        let before = read(me).unwrap();
+        // The same figure the kernel reports in /proc/self/status, give or take what the
+        // test harness's other threads do between the two reads.
+        let rss = vm_rss();
+        assert!(
+            before.rss.abs_diff(rss) < rss / 4 + (4 << 20),
+            "{before:?} vs VmRSS {rss}"
+        );
+        if let Some(pss) = before.pss {
+            assert!(pss <= before.rss, "{before:?}");
+        }
+        // 64 MiB touched page by page is 64 MiB more resident.
+        let mut block = vec![0u8; 64 << 20];
+        for i in (0..block.len()).step_by(4096) {
+            block[i] = 1;
+        }
+        let after = read(me).unwrap();
+        std::hint::black_box(&block);
+        assert!(
+            after.rss >= before.rss + (60 << 20),
+            "{before:?} -> {after:?}"
+        );
+        assert!(after.charged() >= before.charged() + (60 << 20));
     }
 }

@@ -4,9 +4,10 @@
 //! address space and its own runtime. Between fork and exec (`pre_exec`) the child only makes
 //! async-signal-safe system calls into memory prepared beforehand:
 //!
-//! * the listening sockets land on fd 3.., the worker's end of its IPC socket pair right after
-//!   them, then its end of the connection hand-off pair, then the load board; every other descriptor stays close-on-exec, so no earlier generation's channel or
-//!   the control socket leaks into a worker;
+//! * the inherited descriptors land where [`crate::contract::Layout`] says (the listening
+//!   sockets, the worker's end of its IPC socket pair, its end of the connection hand-off
+//!   pair, the load board); every other descriptor stays close-on-exec, so no earlier
+//!   generation's channel or the control socket leaks into a worker;
 //! * the CPU affinity is set to the worker's mask (its one CPU when pinned), and its NUMA
 //!   memory policy when `numa` asks for one;
 //! * `PR_SET_PDEATHSIG(SIGKILL)`, then a check that the master did not die before that call
@@ -23,7 +24,8 @@ use std::process::{Command, Stdio};
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 
-use crate::listen::{LISTEN_FDS_START, Listener, move_high};
+use crate::contract::{Layout, WORKER_ENV};
+use crate::listen::{Listener, move_high};
 
 /// The binary a generation's workers run, held open so that it survives being replaced.
 #[derive(Debug)]
@@ -89,11 +91,6 @@ pub struct SpawnRequest<'a> {
     pub argv: &'a [std::ffi::OsString],
 }
 
-/// Marks a process as a worker, and names the descriptor of its IPC channel. The worker role
-/// is an environment marker rather than an argument, so it never touches the user's command
-/// line.
-pub const WORKER_ENV: &str = "APP_WORKER_FD";
-
 /// Environment a worker must not inherit: it would make it think it is the one systemd
 /// talks to.
 const SCRUBBED_ENV: &[&str] = &[
@@ -118,16 +115,17 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
     let (handoff_master, handoff_worker) = crate::handoff::channel_pair()?;
 
     // Source → target descriptor moves, decided before fork (no allocation after it).
+    let layout = Layout::new(req.listeners.len());
     let mut moves: Vec<(RawFd, RawFd)> = req
         .listeners
         .iter()
         .enumerate()
-        .map(|(i, l)| (l.fd.as_raw_fd(), LISTEN_FDS_START + i as RawFd))
+        .map(|(i, l)| (l.fd.as_raw_fd(), layout.listener(i)))
         .collect();
-    let ipc_fd = LISTEN_FDS_START + req.listeners.len() as RawFd;
-    moves.push((worker_end.as_raw_fd(), ipc_fd));
-    moves.push((handoff_worker.as_raw_fd(), ipc_fd + 1));
-    moves.push((req.board, ipc_fd + 2));
+    moves.push((worker_end.as_raw_fd(), layout.channel()));
+    moves.push((handoff_worker.as_raw_fd(), layout.handoff()));
+    moves.push((req.board, layout.board()));
+    let staging_floor = layout.end();
     let mut staged: Vec<RawFd> = vec![-1; moves.len()];
     // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks the index.
     let mut cpuset: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -144,7 +142,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
     let mut argv = req.argv.iter();
     cmd.arg0(argv.next().map(|a| a.as_os_str()).unwrap_or("app".as_ref()))
         .args(argv)
-        .env(WORKER_ENV, ipc_fd.to_string())
+        .env(WORKER_ENV, layout.channel().to_string())
         .stdin(Stdio::null());
     for k in SCRUBBED_ENV {
         cmd.env_remove(k);
@@ -157,7 +155,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<Spawned> {
             // every source above the highest target (close-on-exec, so the copies vanish
             // at exec), then put each copy in place; dup2 clears close-on-exec there.
             for (i, &(src, _)) in moves.iter().enumerate() {
-                staged[i] = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, ipc_fd + 3);
+                staged[i] = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, staging_floor);
                 if staged[i] < 0 {
                     return Err(std::io::Error::last_os_error());
                 }

@@ -91,10 +91,13 @@ fn metrics_handler() -> Handler {
 }
 
 /// Wraps the inherited descriptors 3.. as tokio listeners.
-pub fn take_listeners(names: &[String]) -> Result<Vec<AsyncListener>, String> {
+pub fn take_listeners(
+    layout: crate::contract::Layout,
+    names: &[String],
+) -> Result<Vec<AsyncListener>, String> {
     let mut out = Vec::with_capacity(names.len());
     for i in 0..names.len() {
-        let fd = LISTEN_FDS_START + i as RawFd;
+        let fd = layout.listener(i);
         check_listening_stream(fd).map_err(|e| format!("inherited fd {fd} {e}"))?;
         // SAFETY: checked above to be an open listening socket, placed here by the master
         // for this process; nothing else in the process owns it.

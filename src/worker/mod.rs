@@ -1,9 +1,9 @@
 //! A worker process: serves connections and answers its master; knows nothing of supervision.
 //!
 //! The master starts it by running the same program with the same command line, plus
-//! [`WORKER_ENV`](crate::master::spawn::WORKER_ENV) naming its IPC channel; the library's
-//! entry point sees the marker and comes here instead of parsing the command line. The
-//! listening sockets are on fd 3.., the IPC channel after them. The worker waits for its
+//! [`WORKER_ENV`](crate::contract::WORKER_ENV) naming its IPC channel; the library's
+//! entry point sees the marker and comes here instead of parsing the command line. What it
+//! inherits, where, and how each descriptor is checked is [`crate::contract`]. It waits for its
 //! [`WorkerSetup`] (identity, limits, the `[service]` table), builds one single-threaded
 //! tokio runtime (so a handler that blocks the thread also stops heartbeat answers, which is
 //! how the master notices), asks the user's factories for their services, reports `Ready`,
@@ -32,8 +32,8 @@ use tokio_util::codec::Framed;
 use tracing::{error, info, warn};
 
 use crate::config::AcceptStrategy;
+use crate::contract::Layout;
 use crate::ipc::{self, ToMaster, ToWorker, WorkerSetup};
-use crate::listen::LISTEN_FDS_START;
 use crate::loadboard::LoadBoard;
 use crate::logging;
 use crate::shutdown::{self, Shutdown, Stage};
@@ -83,7 +83,11 @@ fn set_process_name(slot: usize) {
 }
 
 async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
-    if ipc_fd < LISTEN_FDS_START || crate::listen::check_socket_pair_end(ipc_fd).is_err() {
+    let Some(layout) = Layout::from_channel(ipc_fd) else {
+        eprintln!("worker: fd {ipc_fd} is not an IPC channel from a master");
+        return crate::exit::SOFTWARE;
+    };
+    if crate::listen::check_socket_pair_end(ipc_fd).is_err() {
         eprintln!("worker: fd {ipc_fd} is not an IPC channel from a master");
         return crate::exit::SOFTWARE;
     }
@@ -137,7 +141,7 @@ async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
         error!("crashing while booting, as asked (--chaos-boot-crash)");
         return 3;
     }
-    if ipc_fd != LISTEN_FDS_START + setup.listeners.len() as RawFd {
+    if layout.listeners() != setup.listeners.len() {
         error!(
             "IPC channel at fd {ipc_fd} but {} listening socket(s) announced",
             setup.listeners.len()
@@ -145,14 +149,14 @@ async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
         return crate::exit::SOFTWARE;
     }
 
-    let listeners = match http::take_listeners(&setup.listeners) {
+    let listeners = match http::take_listeners(layout, &setup.listeners) {
         Ok(l) => l,
         Err(e) => {
             error!("{e}");
             return crate::exit::OSERR;
         }
     };
-    let board = match LoadBoard::adopt(ipc_fd + 2) {
+    let board = match LoadBoard::adopt(layout.board()) {
         Ok(b) => Some((b, setup.board_index)),
         Err(e) => {
             warn!("load board unavailable ({e}): accepting without balancing");
@@ -180,12 +184,15 @@ async fn serve(ipc_fd: RawFd, build: BuildRoutes) -> i32 {
             return crate::exit::CONFIG;
         }
     };
-    if crate::listen::check_socket_pair_end(ipc_fd + 1).is_err() {
-        error!("fd {} is not the connection hand-off channel", ipc_fd + 1);
+    if crate::listen::check_socket_pair_end(layout.handoff()).is_err() {
+        error!(
+            "fd {} is not the connection hand-off channel",
+            layout.handoff()
+        );
         return crate::exit::SOFTWARE;
     }
-    // SAFETY: checked above to be a socket, placed here by the master for this process.
-    let handoff = unsafe { OwnedFd::from_raw_fd(ipc_fd + 1) };
+    // SAFETY: checked above to be a Unix socket, placed here by the master for this process.
+    let handoff = unsafe { OwnedFd::from_raw_fd(layout.handoff()) };
     match setup.accept {
         AcceptStrategy::Shared => {
             drop(handoff);

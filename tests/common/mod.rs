@@ -244,22 +244,17 @@ impl Server {
         Ok(r["status"].clone())
     }
 
+    /// `app status`, typed (what `app status --json` prints).
+    pub fn report(&self) -> app::StatusReport {
+        serde_json::from_value(self.status().unwrap()).expect("a status report")
+    }
+
     /// Live workers as (slot, pid, cpu, generation, state).
     pub fn workers(&self) -> Vec<(u64, i32, u64, u64, String)> {
-        let s = self.status().unwrap();
-        s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|w| {
-                (
-                    w["id"].as_u64().unwrap(),
-                    w["pid"].as_i64().unwrap() as i32,
-                    w["cpu"].as_u64().unwrap(),
-                    w["generation"].as_u64().unwrap(),
-                    w["state"].as_str().unwrap().to_string(),
-                )
-            })
+        self.report()
+            .workers
+            .into_iter()
+            .map(|w| (w.id as u64, w.pid, w.cpu as u64, w.generation, w.state))
             .collect()
     }
 
@@ -573,4 +568,34 @@ pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
     static HEAVY: Mutex<()> = Mutex::new(());
     // A heavy test that failed poisons the lock; the next one may still run.
     HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A test that cannot run here (it needs root, or a kernel feature) says so where it is
+/// seen: straight to stderr, which the test harness does not capture, so the line shows in
+/// `cargo test`'s output even though the test passes. Under `APP_TESTS_MUST_RUN=1` (CI, which
+/// runs as root) it fails instead: there every such check must really run.
+pub fn cannot_run(what: &str) {
+    if std::env::var_os("APP_TESTS_MUST_RUN").is_some_and(|v| v == "1") {
+        panic!("cannot run here, and APP_TESTS_MUST_RUN=1: {what}");
+    }
+    skipped(what);
+}
+
+/// Says, where it is seen, that a check was not made because of something about this host
+/// that no setting fixes (too few CPUs, a checkout in a directory anyone can write, a host
+/// too busy to measure): not a failure even in CI, but never silent.
+pub fn skipped(what: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("\nSKIPPED (cannot run here): {what}\n").as_bytes());
+}
+
+/// The IPC channel's descriptor number in worker `pid`, as the master told it
+/// (`APP_WORKER_FD` in its environment, see `src/contract.rs`).
+pub fn worker_channel_fd(pid: i32) -> Option<i32> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"APP_WORKER_FD="))
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
 }
