@@ -215,7 +215,6 @@ fn auto_widens_the_worker_of_a_hogged_cpu_and_pins_it_again() {
         .clone();
     assert_eq!(rep["affinity"], "widened", "{rep}");
     assert_eq!(rep["cpus_allowed"], "0-1", "{rep}");
-    assert!(log.contains("widened to CPUs 0-1"), "{log}");
     // The hog stops, and so does the test's own client (pinned to CPU 0 it is foreign load
     // there too, which rightly keeps the pool widened, as wrk -t1 does in the bench).
     drop(hog);
@@ -227,9 +226,11 @@ fn auto_widens_the_worker_of_a_hogged_cpu_and_pins_it_again() {
         "worker {w1} still widened 30 s after the hog stopped; log:\n{}",
         srv.log_text()
     );
-    assert!(
-        srv.log_text()
-            .contains("pinned to CPUs 1: contention on CPU 1 is gone")
+    let report = srv.report();
+    let w = report.workers.iter().find(|w| w.pid == w1).unwrap();
+    assert_eq!(
+        (w.affinity.as_str(), w.cpus_allowed.as_str()),
+        ("pinned", "1")
     );
     eprintln!(
         "{t}: widened {:.1} s after the hog started, pinned again {:.1} s after it stopped ({served} requests served)",
@@ -268,7 +269,6 @@ fn pin_stays_pinned_under_a_hog() {
     }
     drop(hog);
     load.stop();
-    assert!(!srv.log_text().contains("widened"));
     let s = srv.status().unwrap();
     for w in s["workers"].as_array().unwrap() {
         assert_eq!(w["affinity"], "pinned", "{w}");

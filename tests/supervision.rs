@@ -26,10 +26,12 @@ fn killed_worker_is_replaced_on_its_cpu() {
     // Workers up longer than min_uptime are replaced at once (no backoff).
     let srv = Server::start(Launch::default().args(&["--min-uptime", "100ms"]));
     let mut latencies = Vec::new();
+    let mut killed = Vec::new();
     for round in 0..5 {
         let ws = srv.workers();
         let (slot, pid, cpu, _, _) = ws[round % ws.len()].clone();
         unsafe { libc::kill(pid, libc::SIGKILL) };
+        killed.push((slot, pid));
         let (new, took) =
             wait_replaced(&srv, slot, pid, Duration::from_secs(2)).expect("not replaced");
         latencies.push(took);
@@ -46,21 +48,22 @@ fn killed_worker_is_replaced_on_its_cpu() {
         latencies[latencies.len() / 2],
         latencies.last().unwrap()
     );
+    // Each was an unplanned restart, counted pool-wide and per slot.
+    let report = srv.report();
+    assert_eq!(report.restarts_in_window, 5);
+    let per_slot: u32 = report.workers.iter().map(|w| w.restarts).sum();
+    assert_eq!(per_slot, 5, "{report:?}");
+    // The master's line about each exit carries the worker's journald fields, so
+    // `journalctl -u app WORKER_PID=…` finds it beside the worker's own lines.
     let log = srv.log_text();
-    assert!(
-        log.contains("exited unexpectedly (signal SIGKILL)"),
-        "{log}"
-    );
-    // Slot, pid, cause and uptime in the line.
-    let line = log
-        .lines()
-        .find(|l| l.contains("exited unexpectedly"))
-        .unwrap();
-    assert!(
-        line.contains("worker_id=") && line.contains("worker_pid=") && line.contains("after "),
-        "{line}"
-    );
-    assert_eq!(srv.report().restarts_in_window, 5);
+    for (slot, pid) in killed {
+        let fields = [format!("worker_id={slot}"), format!("worker_pid={pid}")];
+        assert!(
+            log.lines()
+                .any(|l| fields.iter().all(|f| l.contains(f.as_str())) && l.contains("WARN")),
+            "no warning with {fields:?}:\n{log}"
+        );
+    }
 }
 
 #[test]
@@ -97,11 +100,8 @@ fn hung_worker_is_detected_and_replaced_in_time() {
     );
     assert!(!alive(old));
     assert_eq!(get(srv.port, "/").unwrap().status, 200);
-    assert!(
-        srv.log_text().contains("missed 3 heartbeats"),
-        "{}",
-        srv.log_text()
-    );
+    // Killed as hung: an unplanned restart.
+    assert_eq!(srv.report().restarts_in_window, 1);
 }
 
 #[test]
@@ -177,11 +177,8 @@ fn boot_crash_loop_spends_the_budget_and_exits_69() {
     assert!(msg.contains("ERRNO="), "{msg}");
     assert!(msg.contains("exceed restart_limit 5"), "{msg}");
     assert!(notify.messages.iter().all(|(_, m)| !m.contains("READY=1")));
-    let log = srv.log_text();
-    assert!(
-        log.contains("restarting in"),
-        "backoff must space restarts:\n{log}"
-    );
+    // How the backoff spaces the restarts is a unit test of the core
+    // (`a_worker_dying_young_backs_off_exponentially`).
 }
 
 #[test]
@@ -210,7 +207,6 @@ fn memory_limit_recycles_gracefully() {
     eprintln!("FIGURES over-limit worker recycled after {took:?}");
     assert!(wait_until(Duration::from_secs(3), || (!alive(old)).then_some(())).is_some());
     assert!(alive(new));
-    assert!(srv.log_text().contains("max_memory"), "{}", srv.log_text());
     // A planned recycle is not a crash.
     assert_eq!(srv.report().restarts_in_window, 0);
 }
