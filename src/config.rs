@@ -258,8 +258,10 @@ pub struct ServeArgs {
     pub numa: Option<NumaPolicy>,
 }
 
-/// The file's shape. Every key is optional; unknown keys are an error.
-#[derive(Debug, Default, Deserialize)]
+/// The file's shape: the one list of the keys a file may hold ([`file_keys`] reads it off
+/// for the tests that keep the README's table and the fuzz targets in step). Every key is
+/// optional; unknown keys are an error.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     workers: Option<usize>,
@@ -292,7 +294,7 @@ struct FileConfig {
 }
 
 /// The `[tls]` table as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileTls {
     cert: String,
@@ -323,7 +325,7 @@ impl FileTls {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileHttp {
     header_read_timeout: Option<String>,
@@ -342,7 +344,7 @@ struct FileHttp {
 }
 
 /// A size written either as a number of bytes or as a string with a unit ("64KiB").
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 enum SizeValue {
     Bytes(u64),
@@ -358,6 +360,34 @@ impl SizeValue {
     }
 }
 
+/// Every key a configuration file may hold, read off [`FileConfig`] itself: `key` at the top
+/// level, `table.key` inside `[http]` and `[tls]`, and `service` for the service's own table
+/// (whose keys belong to the program's settings type).
+#[cfg(test)]
+pub fn file_keys() -> Vec<String> {
+    let every_table = FileConfig {
+        tls: Some(FileTls::default()),
+        service: Some(Default::default()),
+        ..Default::default()
+    };
+    let serde_json::Value::Object(top) =
+        serde_json::to_value(&every_table).expect("the file's schema serialises")
+    else {
+        unreachable!("a struct serialises to an object")
+    };
+    let mut keys = Vec::new();
+    for (key, value) in top {
+        match value {
+            serde_json::Value::Object(table) if key != "service" => {
+                keys.extend(table.keys().map(|k| format!("{key}.{k}")));
+            }
+            _ => keys.push(key),
+        }
+    }
+    keys.sort();
+    keys
+}
+
 fn invalid(key: &str, reason: impl std::fmt::Display) -> Fatal {
     Fatal::config(format!("config error: {key}: {reason}"))
 }
@@ -368,21 +398,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"500ms\" or \"5s\""))
 }
 
-/// Parses "0", "4096", "64KiB", "256MiB", "1GiB" (also K/M/G and KB/MB/GB, all powers of 1024).
+/// Parses a size: a number of bytes ("65536"), or a number with a unit read by `bytesize`:
+/// binary units are powers of 1024 ("64KiB", "256MiB", "1GiB"), decimal ones powers of 1000
+/// ("500KB", "100MB" = 100 000 000 bytes; "K", "M", "G" alone are decimal too). A size too
+/// large for 64 bits is an error, not the largest size.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let err = || format!("invalid size {s:?}; write e.g. \"65536\", \"64KiB\" or \"256MiB\"");
-    let n: u64 = num.parse().map_err(|_| err())?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(err()),
+    let err = || {
+        format!(
+            "invalid size {s:?}; write e.g. \"65536\", \"64KiB\", \"256MiB\" or \"100MB\" (MiB = 2^20 bytes, MB = 10^6)"
+        )
     };
-    n.checked_mul(mult).ok_or_else(err)
+    if !t.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(err());
+    }
+    let size: bytesize::ByteSize = t.parse().map_err(|_| err())?;
+    // bytesize saturates; the one legitimate way to write u64::MAX is its digits.
+    if size.0 == u64::MAX && t != u64::MAX.to_string() {
+        return Err(err());
+    }
+    Ok(size.0)
 }
 
 fn file_duration(v: &Option<String>, key: &str) -> Result<Option<Duration>, Fatal> {
@@ -1085,5 +1120,42 @@ mod tests {
         assert_eq!(parse_size("10"), Ok(10));
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
+        assert!(parse_size("99999999999GiB").is_err());
+        // Decimal units are powers of 1000, binary ones of 1024.
+        assert_eq!(parse_size("100MB"), Ok(100_000_000));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2 GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("4KB"), Ok(4000));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+    }
+
+    /// The README's configuration table names exactly the keys of the file's schema: a key
+    /// added to [`FileConfig`] without a row (or a row left for a key removed) fails here.
+    #[test]
+    fn the_readme_table_lists_every_key_of_the_schema() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+            .expect("README.md");
+        let section = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .expect("a Configuration section")
+            .split("\n## ")
+            .next()
+            .unwrap();
+        let mut documented: Vec<String> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .map(|cell| match cell.split_once("] ") {
+                // `[http] max_headers` -> http.max_headers; `[service] greeting` -> service.
+                Some(("[service", _)) => "service".to_string(),
+                Some((table, key)) => format!("{}.{key}", &table[1..]),
+                None => cell.to_string(),
+            })
+            .collect();
+        documented.sort();
+        documented.dedup();
+        assert_eq!(documented, file_keys());
     }
 }
