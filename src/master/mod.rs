@@ -50,7 +50,6 @@ pub mod spawn;
 mod status;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,7 +61,7 @@ use tracing::{info, warn};
 use crate::config::{AcceptStrategy, Config, ServeArgs, SettingsCheck};
 use crate::control::{self, Reply, Request};
 use crate::exit;
-use crate::ipc::{ToMaster, ToWorker, WorkerSetup};
+use crate::ipc::ToMaster;
 use crate::listen::Listener;
 use crate::loadboard::{LoadBoard, Readiness};
 use crate::notify::Notifier;
@@ -70,7 +69,7 @@ use crate::notify::Notifier;
 use self::core::{Action, Event, ExitStatus, Facts, Notify, ReplyTo, Supervisor};
 use dispatch::{ConnBudget, RoundRobin};
 use process::Process;
-use spawn::{Executable, SpawnRequest};
+use spawn::Executable;
 
 const TICK: Duration = Duration::from_millis(50);
 const MEMORY_CHECK: Duration = Duration::from_secs(1);
@@ -92,7 +91,7 @@ enum ChannelEvent {
 pub struct Master {
     core: Supervisor,
     args: ServeArgs,
-    /// The command line workers are started with (see [`SpawnRequest::argv`]).
+    /// The command line workers are started with (see [`spawn::SpawnRequest::argv`]).
     argv: Vec<std::ffi::OsString>,
     /// Checks the `[service]` table on every reload.
     check: SettingsCheck,
@@ -328,7 +327,7 @@ impl Master {
                         Err(e) => Event::SpawnFailed {
                             generation,
                             slot,
-                            host_resource: host_resource_error(&e),
+                            host_resource: process::host_resource_error(&e),
                             error: e.to_string(),
                         },
                     },
@@ -575,134 +574,6 @@ impl Master {
                 .retain(|g, _| *g == serving || Some(*g) == rolling);
         }
     }
-
-    /// The generation's ticket key, made on its first worker; keys of generations without
-    /// workers are dropped then. `None` (resumption on one worker only) if the host has no
-    /// randomness to give.
-    fn ticket_key(&mut self, generation: u64) -> Option<crate::tls::TicketKey> {
-        if !self.ticket_keys.contains_key(&generation) {
-            let alive = self.core.pool().live_generations();
-            self.ticket_keys.retain(|g, _| alive.contains(g));
-            match crate::tls::TicketKey::generate() {
-                Ok(k) => {
-                    self.ticket_keys.insert(generation, k);
-                }
-                Err(e) => {
-                    warn!("{e}: TLS sessions resume only on the worker that began them");
-                    return None;
-                }
-            }
-        }
-        let key = self.ticket_keys.get_mut(&generation)?;
-        key.forget_before_last_period();
-        Some(key.clone())
-    }
-
-    /// Keeps the master's copies of the ticket keys no older than its workers' (a key held
-    /// here unchanged for days would open every ticket issued since).
-    fn ratchet_ticket_keys(&mut self) {
-        for key in self.ticket_keys.values_mut() {
-            key.forget_before_last_period();
-        }
-    }
-
-    /// [`Action::Spawn`]: starts one worker of `generation` in `slot`, homed on `cpu`.
-    fn spawn_worker(
-        &mut self,
-        generation: u64,
-        slot: usize,
-        cpu: usize,
-        request_limit: u64,
-    ) -> std::io::Result<i32> {
-        let config = self.core.config_of(generation).clone();
-        let tls_tickets = if config.tls.is_some() {
-            self.ticket_key(generation)
-        } else {
-            None
-        };
-        let exe = self
-            .exes
-            .range(..=generation)
-            .next_back()
-            .map(|(_, e)| e)
-            .ok_or_else(|| std::io::Error::other("no binary for this generation"))?;
-        let board_index = self.board.assign().ok_or_else(|| {
-            // Entries come free as old workers exit: a resource shortage, not a failure.
-            std::io::Error::new(
-                std::io::ErrorKind::WouldBlock,
-                "no free load-board entry: too many workers alive at once",
-            )
-        })?;
-        let (mask, affinity) = self.balance.initial(cpu);
-        let mempolicy = self.numa.policy_for(config.numa, cpu);
-        let spawned = spawn::spawn(SpawnRequest {
-            exe,
-            listeners: &self.listeners,
-            board: self.board.fd().as_raw_fd(),
-            mask: &mask,
-            mempolicy: mempolicy.as_ref(),
-            argv: &self.argv,
-        });
-        let spawned = match spawned {
-            Ok(s) => s,
-            Err(e) => {
-                self.board.release(board_index);
-                return Err(e);
-            }
-        };
-        let pid = spawned.pid;
-        let setup = WorkerSetup {
-            slot,
-            generation,
-            cpu,
-            listeners: self.listeners.iter().map(|l| l.name.clone()).collect(),
-            board_index,
-            log_level: config.log_level.clone(),
-            http: config.http.clone(),
-            service: config.service.clone(),
-            max_requests: request_limit,
-            chaos: config.chaos,
-            accept: config.accept,
-            drain_timeout_ms: config.drain_timeout.as_millis() as u64,
-            crash_on_boot: config.chaos_boot_crash,
-            tls: config.tls.clone(),
-            tls_tickets,
-            ready_path: config.ready_path.clone(),
-        };
-        let tx = process::attach_channel(
-            pid,
-            spawned.channel,
-            &ToWorker::Setup(Box::new(setup)),
-            self.channel_tx.clone(),
-        )?;
-        let handoff = Arc::new(spawned.handoff);
-        if let Some(rr) = &self.round_robin {
-            rr.watch(pid, handoff.clone());
-        }
-        let p = Process {
-            pid,
-            slot,
-            generation,
-            tx,
-            handoff,
-            board_index,
-            rates: Default::default(),
-            memory: Default::default(),
-            ping: None,
-            mask,
-            affinity,
-        };
-        self.metrics_spawned(&p);
-        self.processes.insert(pid, p);
-        info!(
-            worker_id = slot,
-            worker_pid = pid,
-            generation,
-            cpu,
-            "worker {slot} (pid {pid}) started on CPU {cpu}, generation {generation}"
-        );
-        Ok(pid)
-    }
 }
 
 /// Which sockets the program has handlers for (names only: the master never builds them).
@@ -789,18 +660,6 @@ pub fn serve(
         .map_err(|e| exit::Fatal::os(format!("cannot build runtime: {e}")))?;
     let master = Master::new(args, config, cpus, listeners, notifier, check, !activated)?;
     Ok(rt.block_on(master.run()))
-}
-
-/// A start that failed because the host is short of something (descriptors, processes,
-/// memory), not because of the worker or its binary.
-fn host_resource_error(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM | libc::ENOBUFS)
-    ) || matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::OutOfMemory
-    )
 }
 
 /// Raises the soft descriptor limit to the hard one (the master's loop uses epoll, so a
