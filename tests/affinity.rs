@@ -199,7 +199,7 @@ fn auto_widens_the_worker_of_a_hogged_cpu_and_pins_it_again() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(cpus_allowed(w1), "1", "no hog yet: still pinned");
     let hog = Hog::start(1);
-    let widened = wait_allowed(w1, "0-1", Duration::from_secs(10));
+    let widened = wait_allowed(w1, "0-1", Duration::from_secs(20));
     let log = srv.log_text();
     assert!(
         widened.is_some(),

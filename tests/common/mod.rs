@@ -97,6 +97,8 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub control: PathBuf,
     pub log: PathBuf,
+    /// Its test's place beside the others (see [`heavy`]); dropped after the process.
+    _gate: Light,
 }
 
 #[derive(Default)]
@@ -125,6 +127,7 @@ impl Server {
     }
 
     pub fn spawn(l: Launch) -> Server {
+        let gate = Light::take();
         let dir = l.dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
         let port = free_port();
         let control = dir.path().join("control.sock");
@@ -171,6 +174,7 @@ impl Server {
             dir,
             control,
             log,
+            _gate: gate,
         }
     }
 
@@ -527,6 +531,7 @@ pub fn spawn_named_sockets(
     args: &[&str],
     dir: tempfile::TempDir,
 ) -> (Server, Vec<u16>) {
+    let gate = Light::take();
     let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
     let control = dir.path().join("control.sock");
     let log = dir.path().join("app.log");
@@ -554,21 +559,87 @@ pub fn spawn_named_sockets(
         dir,
         control,
         log,
+        _gate: gate,
     };
     (srv, ports)
 }
 
 /// Tests run side by side (`cargo test` runs each file's tests on one thread per CPU), but
-/// those that load the machine or measure time against a bound take this first, so that no
-/// two of them run at once: a load generator beside a latency bound is what makes a bound
-/// flaky on a 2-core machine. Light tests still run beside a heavy one. (The exact bounds of
-/// supervision — hang detection, backoff, deadlines — are unit tests of the master's core,
-/// with a fake clock.)
-pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
-    static HEAVY: Mutex<()> = Mutex::new(());
-    // A heavy test that failed poisons the lock; the next one may still run.
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+/// those that load the machine, measure fairness or hold a time bound run alone: they take
+/// [`heavy`] first, which waits until no other test of the file has a server running, and
+/// keeps new servers of other tests from starting until it is done. (Fairness across two
+/// workers is what a second test's reload beside it spoils; the exact bounds of supervision —
+/// hang detection, backoff, deadlines — are unit tests of the master's core, with a fake
+/// clock.)
+pub fn heavy() -> Heavy {
+    let mut g = GATE.state.lock().unwrap_or_else(|e| e.into_inner());
+    while g.heavy || g.light > 0 {
+        g = GATE.free.wait(g).unwrap_or_else(|e| e.into_inner());
+    }
+    g.heavy = true;
+    g.owner = Some(std::thread::current().id());
+    Heavy
 }
+
+/// A heavy test's turn; others' servers start again when it ends.
+pub struct Heavy;
+
+impl Drop for Heavy {
+    fn drop(&mut self) {
+        let mut g = GATE.state.lock().unwrap_or_else(|e| e.into_inner());
+        g.heavy = false;
+        g.owner = None;
+        GATE.free.notify_all();
+    }
+}
+
+/// Held by every [`Server`] of a test that is not heavy, for the server's life.
+pub struct Light(bool);
+
+impl Light {
+    fn take() -> Light {
+        let mut g = GATE.state.lock().unwrap_or_else(|e| e.into_inner());
+        // The heavy test's own servers.
+        if g.owner == Some(std::thread::current().id()) {
+            return Light(false);
+        }
+        while g.heavy {
+            g = GATE.free.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.light += 1;
+        Light(true)
+    }
+}
+
+impl Drop for Light {
+    fn drop(&mut self) {
+        if self.0 {
+            let mut g = GATE.state.lock().unwrap_or_else(|e| e.into_inner());
+            g.light -= 1;
+            GATE.free.notify_all();
+        }
+    }
+}
+
+struct Gate {
+    state: Mutex<GateState>,
+    free: std::sync::Condvar,
+}
+
+struct GateState {
+    heavy: bool,
+    owner: Option<std::thread::ThreadId>,
+    light: usize,
+}
+
+static GATE: Gate = Gate {
+    state: Mutex::new(GateState {
+        heavy: false,
+        owner: None,
+        light: 0,
+    }),
+    free: std::sync::Condvar::new(),
+};
 
 /// A test that cannot run here (it needs root, or a kernel feature) says so where it is
 /// seen: straight to stderr, which the test harness does not capture, so the line shows in
