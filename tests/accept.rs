@@ -148,15 +148,9 @@ fn accept_strategy_change_on_reload_waits_for_a_restart() {
     // that needs a restart.
     let out = srv.client(&["reload"]);
     assert!(out.status.success());
-    let s = srv.status().unwrap();
-    assert!(
-        s["restart_needed"][0]
-            .as_str()
-            .unwrap()
-            .starts_with("accept"),
-        "{s}"
-    );
-    assert_eq!(s["master_connection_cap"], 0, "still shared: {s}");
+    let s = srv.report();
+    assert!(s.restart_needed[0].starts_with("accept"), "{s:?}");
+    assert_eq!(s.master_connection_cap, 0, "still shared: {s:?}");
 }
 
 #[test]

@@ -205,16 +205,10 @@ fn auto_widens_the_worker_of_a_hogged_cpu_and_pins_it_again() {
         widened.is_some(),
         "worker {w1} never widened with a hog on CPU 1; log:\n{log}"
     );
-    let s = srv.status().unwrap();
-    let rep = s["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["pid"] == w1)
-        .unwrap()
-        .clone();
-    assert_eq!(rep["affinity"], "widened", "{rep}");
-    assert_eq!(rep["cpus_allowed"], "0-1", "{rep}");
+    let s = srv.report();
+    let rep = s.workers.iter().find(|w| w.pid == w1).unwrap();
+    assert_eq!(rep.affinity, "widened", "{rep:?}");
+    assert_eq!(rep.cpus_allowed, "0-1", "{rep:?}");
     // The hog stops, and so does the test's own client (pinned to CPU 0 it is foreign load
     // there too, which rightly keeps the pool widened, as wrk -t1 does in the bench).
     drop(hog);
@@ -269,10 +263,9 @@ fn pin_stays_pinned_under_a_hog() {
     }
     drop(hog);
     load.stop();
-    let s = srv.status().unwrap();
-    for w in s["workers"].as_array().unwrap() {
-        assert_eq!(w["affinity"], "pinned", "{w}");
-        assert_eq!(w["cpus_allowed"], w["cpu"].to_string(), "{w}");
+    for w in srv.report().workers {
+        assert_eq!(w.affinity, "pinned", "{w:?}");
+        assert_eq!(w.cpus_allowed, w.cpu.to_string(), "{w:?}");
     }
 }
 
@@ -315,17 +308,16 @@ fn none_and_a_cpu_list_set_fixed_masks() {
     }
     let all = cpus_allowed(std::process::id() as i32);
     let srv = Server::start(Launch::default().args(&["--workers", "2", "--cpu-affinity", "none"]));
-    for w in srv.status().unwrap()["workers"].as_array().unwrap() {
-        assert_eq!(w["affinity"], "none", "{w}");
-        assert_eq!(cpus_allowed(w["pid"].as_i64().unwrap() as i32), all);
+    for w in srv.report().workers {
+        assert_eq!(w.affinity, "none", "{w:?}");
+        assert_eq!(cpus_allowed(w.pid), all);
     }
     drop(srv);
     let srv = Server::with_config("cpu_affinity = \"1\"\n", &[]);
-    let s = srv.status().unwrap();
-    let ws = s["workers"].as_array().unwrap();
+    let ws = srv.report().workers;
     assert_eq!(ws.len(), 1, "a one-CPU list sizes the pool to one worker");
-    assert_eq!(ws[0]["affinity"], "list");
-    assert_eq!(cpus_allowed(ws[0]["pid"].as_i64().unwrap() as i32), "1");
+    assert_eq!(ws[0].affinity, "list");
+    assert_eq!(cpus_allowed(ws[0].pid), "1");
     drop(srv);
     // A CPU the master may not use is a configuration error.
     let out = Command::new(APP)

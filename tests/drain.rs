@@ -103,10 +103,11 @@ fn stop_answers_503_on_the_ready_path_for_drain_delay_while_every_other_request_
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(probes >= 10);
-    let s = srv.status().unwrap();
-    assert_eq!(s["readiness"], "draining");
-    assert_eq!(s["drain"]["manual"], false);
-    let left = s["drain"]["stop_in_secs"].as_f64().unwrap();
+    let s = srv.report();
+    assert_eq!(s.readiness, app::Readiness::Draining);
+    let drain = s.drain.expect("a drain under way");
+    assert!(!drain.manual);
+    let left = drain.stop_in_secs.expect("a stop waiting");
     assert!(left > 0.0 && left < 0.7, "stop_in_secs {left}");
     stop.store(true, Ordering::Relaxed);
     let stats = join_load(load);
@@ -213,10 +214,11 @@ fn app_drain_and_undrain_and_a_reload_keeps_the_drain() {
     for _ in 0..20 {
         assert_eq!(status_of(srv.port, "/").unwrap().0, 200);
     }
-    let s = srv.status().unwrap();
-    assert_eq!(s["readiness"], "draining");
-    assert_eq!(s["drain"]["manual"], true);
-    assert!(s["drain"]["stop_in_secs"].is_null());
+    let s = srv.report();
+    assert_eq!(s.readiness, app::Readiness::Draining);
+    let drain = s.drain.expect("a drain under way");
+    assert!(drain.manual);
+    assert!(drain.stop_in_secs.is_none());
     assert_eq!(app_ready(metrics_port), 0.0);
     // A new generation is still drained.
     let out = srv.client(&["reload"]);
@@ -227,9 +229,9 @@ fn app_drain_and_undrain_and_a_reload_keeps_the_drain() {
     let out = srv.client(&["undrain"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(status_of(srv.port, READY), Some((200, "ready\n".into())));
-    let s = srv.status().unwrap();
-    assert_eq!(s["readiness"], "ready");
-    assert!(s["drain"].is_null());
+    let s = srv.report();
+    assert_eq!(s.readiness, app::Readiness::Ready);
+    assert!(s.drain.is_none());
     assert_eq!(app_ready(metrics_port), 1.0);
     // Undraining what is not drained is harmless.
     assert!(srv.client(&["undrain"]).status.success());

@@ -354,13 +354,7 @@ fn serve_to_ready_time_and_idle_memory_are_reported() {
         .expect("READY=1");
     let ready = t0.elapsed();
     std::thread::sleep(Duration::from_millis(1500));
-    let s = srv.status().unwrap();
-    let rss: Vec<u64> = s["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["rss_bytes"].as_u64().unwrap())
-        .collect();
+    let rss: Vec<u64> = srv.report().workers.iter().map(|w| w.rss_bytes).collect();
     let master_rss = std::fs::read_to_string(format!("/proc/{}/status", srv.pid()))
         .unwrap()
         .lines()

@@ -164,7 +164,7 @@ fn a_client_that_stops_reading_is_cut_after_the_send_timeout() {
         .unwrap();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
-    let open = |srv: &Server| srv.status().unwrap()["workers"][0]["connections"].as_u64();
+    let open = |srv: &Server| srv.report().workers.first().map(|w| w.connections);
     // Counts reach the master with heartbeats: first see it held, then released.
     let held = wait_until(Duration::from_secs(3), || (open(&srv)? == 1).then_some(()));
     assert!(held.is_some(), "the stalled connection was never counted");

@@ -191,9 +191,9 @@ fn round_robin_master_keeps_descriptors_for_itself_under_a_connection_flood() {
         t0.elapsed()
     );
     assert_eq!(ok, CLIENTS, "{:?}", &errors[..errors.len().min(5)]);
-    let s = srv.status().unwrap();
-    assert_eq!(s["restarts_in_window"], 1, "only the kill counts");
-    assert_eq!(s["master_connections"], 0);
+    let s = srv.report();
+    assert_eq!(s.restarts_in_window, 1, "only the kill counts");
+    assert_eq!(s.master_connections, 0);
     let log = srv.log_text();
     let warnings = log.matches("WARN").count();
     assert!(warnings < 20, "{warnings} warnings:\n{log}");
@@ -261,14 +261,14 @@ fn a_stopped_master_does_not_kill_its_healthy_workers_when_it_resumes() {
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let stats = join_load(load);
-    let s = srv.status().unwrap();
+    let s = srv.report();
     let after: Vec<i32> = srv.workers().iter().map(|w| w.1).collect();
     eprintln!(
         "FIGURES master stopped 2 s: {} requests ok, {} failed, workers {before:?} -> {after:?}",
         stats.ok, stats.failed
     );
     assert_eq!(after, before, "healthy workers were replaced");
-    assert_eq!(s["restarts_in_window"], 0);
+    assert_eq!(s.restarts_in_window, 0);
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
 
     // A worker that really hangs is still caught after the stall.
@@ -345,9 +345,9 @@ fn a_fifo_as_config_file_fails_the_reload_and_the_old_generation_serves() {
     assert_eq!(reply["ok"], false, "{reply}");
     assert!(took < Duration::from_secs(2), "{took:?}");
     assert_eq!(get(srv.port, "/").unwrap().status, 200);
-    let s = srv.status().unwrap();
-    assert_eq!(s["generation"], 1);
-    assert_eq!(s["last_reload"]["ok"], false);
+    let s = srv.report();
+    assert_eq!(s.generation, 1);
+    assert!(!s.last_reload.expect("a reload was tried").ok);
     assert_eq!(srv.workers(), before);
 }
 
@@ -367,17 +367,14 @@ fn a_reload_that_cuts_connections_says_how_many() {
     let port = srv.port;
     let slow = std::thread::spawn(move || get(port, "/sleep?ms=10000"));
     wait_until(Duration::from_secs(3), || {
-        (srv.workers_json().first()?["connections"].as_u64()? >= 1).then_some(())
+        (srv.report().workers.first()?.connections >= 1).then_some(())
     })
     .expect("the slow request never showed");
     let reply = reload_within(&srv, Duration::from_secs(10)).expect("reload answered");
     assert_eq!(reply["ok"], true, "{reply}");
-    let s = srv.status().unwrap();
-    eprintln!(
-        "FIGURES reload cutting a 10 s request: {reply} / {}",
-        s["last_reload"]
-    );
-    assert_eq!(s["last_reload"]["connections_cut"], 1, "{s}");
+    let last = srv.report().last_reload.expect("a reload happened");
+    eprintln!("FIGURES reload cutting a 10 s request: {reply} / {last:?}");
+    assert_eq!(last.connections_cut, 1, "{last:?}");
     assert!(slow.join().unwrap().is_err());
 }
 
@@ -504,17 +501,4 @@ fn a_pool_above_511_workers_reloads() {
         "generation 2 never full:\n{}",
         tail(srv.log_text())
     );
-}
-
-trait WorkersJson {
-    fn workers_json(&self) -> Vec<serde_json::Value>;
-}
-
-impl WorkersJson for Server {
-    fn workers_json(&self) -> Vec<serde_json::Value> {
-        self.status()
-            .ok()
-            .and_then(|s| s["workers"].as_array().cloned())
-            .unwrap_or_default()
-    }
 }

@@ -126,8 +126,8 @@ fn start(args: &[&str]) -> (Server, u16) {
 
 fn wait_full(srv: &Server) {
     let full = wait_until(Duration::from_secs(10), || {
-        let s = srv.status().ok()?;
-        (s["serving_workers"] == s["target_workers"] && s["state"] == "serving").then_some(())
+        let s: app::StatusReport = serde_json::from_value(srv.status().ok()?).ok()?;
+        (s.serving_workers == s.target_workers && s.state == "serving").then_some(())
     });
     assert!(full.is_some(), "pool never full; log:\n{}", srv.log_text());
 }
@@ -209,9 +209,8 @@ fn endpoint_parses_and_totals_equal_the_requests_sent() {
     assert!(one(&s, "process_start_time_seconds{}") > 1.6e9);
     assert_eq!(one(&s, "app_generation{}"), 1.0);
     // app status reads the same page.
-    let st = srv.status().unwrap();
     assert_eq!(
-        st["requests_total"].as_f64().unwrap(),
+        srv.report().requests_total as f64,
         sum(&s, "app_http_requests_total")
     );
 }

@@ -108,17 +108,16 @@ fn reload(srv: &Server) -> (i32, String) {
 }
 
 /// Waits until the pool is `n` ready workers of one generation, all serving.
-fn wait_pool(srv: &Server, n: usize) -> Value {
+fn wait_pool(srv: &Server, n: usize) -> app::StatusReport {
     wait_until(Duration::from_secs(10), || {
-        let s = srv.status().ok()?;
-        let ws = s["workers"].as_array()?;
-        (s["target_workers"] == n
-            && s["serving_workers"] == n
-            && ws.len() == n
-            && ws.iter().all(|w| w["state"] == "ready"))
+        let s = srv.report();
+        (s.target_workers == n
+            && s.serving_workers == n
+            && s.workers.len() == n
+            && s.workers.iter().all(|w| w.state == "ready"))
         .then_some(s)
     })
-    .unwrap_or_else(|| panic!("pool never {n}: {}", srv.status().unwrap()))
+    .unwrap_or_else(|| panic!("pool never {n}: {:?}", srv.report()))
 }
 
 #[test]
@@ -129,12 +128,13 @@ fn reload_applies_workers_from_the_file() {
     let (code, text) = reload(&srv);
     assert_eq!(code, 0, "{text}");
     let s = wait_pool(&srv, 3);
-    assert_eq!(s["configured_workers"], 3);
-    assert_eq!(s["generation"], 2);
-    assert_eq!(s["last_reload"]["ok"], true);
-    assert_eq!(s["last_reload"]["workers"], 3);
-    for w in s["workers"].as_array().unwrap() {
-        assert_eq!(w["generation"], 2, "{s}");
+    assert_eq!(s.configured_workers, 3);
+    assert_eq!(s.generation, 2);
+    let last = s.last_reload.clone().unwrap();
+    assert!(last.ok);
+    assert_eq!(last.workers, 3);
+    for w in &s.workers {
+        assert_eq!(w.generation, 2, "{s:?}");
     }
     // And down again.
     std::fs::write(srv.config_path(), "workers = 1\n").unwrap();
@@ -154,16 +154,16 @@ fn runtime_scale_holds_until_a_reload_changes_workers() {
     let (code, text) = reload(&srv);
     assert_eq!(code, 0, "{text}");
     let s = wait_pool(&srv, 3);
-    assert_eq!(s["generation"], 2);
-    assert_eq!(s["configured_workers"], 2);
-    assert_eq!(s["last_reload"]["workers"], 3);
+    assert_eq!(s.generation, 2);
+    assert_eq!(s.configured_workers, 2);
+    assert_eq!(s.last_reload.unwrap().workers, 3);
     // A reload that changes it applies the file.
     std::fs::write(srv.config_path(), "workers = 1\n").unwrap();
     let (code, text) = reload(&srv);
     assert_eq!(code, 0, "{text}");
     let s = wait_pool(&srv, 1);
-    assert_eq!(s["generation"], 3);
-    assert_eq!(s["configured_workers"], 1);
+    assert_eq!(s.generation, 3);
+    assert_eq!(s.configured_workers, 1);
 }
 
 #[test]
@@ -176,7 +176,7 @@ fn scale_command_resizes_the_pool() {
     wait_pool(&srv, 2);
     assert_eq!(code(&["scale", "-1"]), Some(0));
     let s = wait_pool(&srv, 1);
-    assert_eq!(s["configured_workers"], 2);
+    assert_eq!(s.configured_workers, 2);
     // Refused by the master: the pool stays as it is.
     assert_eq!(code(&["scale", "0"]), Some(1));
     assert_eq!(code(&["scale", "-5"]), Some(1));
@@ -237,43 +237,41 @@ fn status_shows_versions_cpu_and_request_rates_under_load() {
     let t0 = Instant::now();
     let h = load(srv.port, 2, 0, stop.clone());
     std::thread::sleep(Duration::from_millis(2500));
-    let s = srv.status().unwrap();
+    let s = srv.report();
     stop.store(true, Ordering::Relaxed);
     let stats = join_load(h);
     let measured = stats.ok as f64 / t0.elapsed().as_secs_f64();
-    assert_eq!(s["version"], v);
-    let gens = s["generations"].as_array().unwrap();
-    assert_eq!(gens.len(), 1, "{s}");
-    assert_eq!(gens[0]["version"], v);
-    assert_eq!(gens[0]["workers"], 2);
+    assert_eq!(s.version, v);
+    assert_eq!(s.generations.len(), 1, "{s:?}");
+    assert_eq!(s.generations[0].version.as_deref(), Some(v.as_str()));
+    assert_eq!(s.generations[0].workers, 2);
     let mut cpu = Vec::new();
     let mut rps = 0.0;
-    for w in s["workers"].as_array().unwrap() {
-        assert_eq!(w["version"], v, "{w}");
-        let c = w["cpu_percent"].as_f64().unwrap();
+    for w in &s.workers {
+        assert_eq!(w.version.as_deref(), Some(v.as_str()), "{w:?}");
+        let c = w.cpu_percent;
         // Each worker is one thread pinned to one CPU.
-        assert!((0.0..=110.0).contains(&c), "{w}");
+        assert!((0.0..=110.0).contains(&c), "{w:?}");
         cpu.push(c);
-        rps += w["requests_per_sec"].as_f64().unwrap();
+        rps += w.requests_per_sec;
     }
     eprintln!(
         "FIGURES status under load: cpu% {cpu:?}, requests/s by status {rps:.0}, by the clients {measured:.0}"
     );
-    assert!(cpu.iter().sum::<f64>() > 5.0, "{s}");
+    assert!(cpu.iter().sum::<f64>() > 5.0, "{s:?}");
     assert!(
         rps > measured * 0.3 && rps < measured * 3.0,
-        "status says {rps:.0} req/s, clients measured {measured:.0}: {s}"
+        "status says {rps:.0} req/s, clients measured {measured:.0}: {s:?}"
     );
     // Idle again, the rates fall to zero (they are rates, not totals).
     let idle = wait_until(Duration::from_secs(5), || {
-        let s = srv.status().ok()?;
-        s["workers"]
-            .as_array()?
+        srv.report()
+            .workers
             .iter()
-            .all(|w| w["requests_per_sec"] == 0.0 && w["cpu_percent"].as_f64() < Some(5.0))
+            .all(|w| w.requests_per_sec == 0.0 && w.cpu_percent < 5.0)
             .then_some(())
     });
-    assert!(idle.is_some(), "{}", srv.status().unwrap());
+    assert!(idle.is_some(), "{:?}", srv.report());
 }
 
 #[test]
@@ -298,9 +296,9 @@ fn failed_reload_is_shown_until_a_reload_succeeds() {
     notify.clear();
     // Still said a while later, in `app status` and in STATUS= (systemctl status).
     std::thread::sleep(Duration::from_millis(300));
-    let s = srv.status().unwrap();
-    assert_eq!(s["last_reload"]["ok"], false, "{s}");
-    assert_eq!(s["state"], "serving");
+    let s = srv.report();
+    assert!(!s.last_reload.as_ref().unwrap().ok, "{s:?}");
+    assert_eq!(s.state, "serving");
     srv.signal(libc::SIGTTIN); // any change makes the master send a fresh STATUS=
     let status = notify
         .wait_for("STATUS=", Duration::from_secs(3))
@@ -310,8 +308,8 @@ fn failed_reload_is_shown_until_a_reload_succeeds() {
     std::fs::write(&file, "workers = 1\n").unwrap();
     let (code, text) = reload(&srv);
     assert_eq!(code, 0, "{text}");
-    let s = srv.status().unwrap();
-    assert_eq!(s["last_reload"]["ok"], true, "{s}");
+    let s = srv.report();
+    assert!(s.last_reload.as_ref().unwrap().ok, "{s:?}");
     notify.clear();
     srv.signal(libc::SIGTTIN);
     let status = notify
@@ -327,11 +325,13 @@ fn restart_only_keys_are_named_and_the_rest_applies() {
     let (code, text) = reload(&srv);
     assert_eq!(code, 0, "{text}");
     let s = wait_pool(&srv, 2);
-    let needed = s["restart_needed"].as_array().unwrap();
-    assert_eq!(needed.len(), 1, "{s}");
-    assert!(needed[0].as_str().unwrap().starts_with("accept"), "{s}");
-    assert_eq!(s["last_reload"]["restart_needed"], s["restart_needed"]);
-    assert_eq!(s["master_connection_cap"], 0, "still shared: {s}");
+    assert_eq!(s.restart_needed.len(), 1, "{s:?}");
+    assert!(s.restart_needed[0].starts_with("accept"), "{s:?}");
+    assert_eq!(
+        s.last_reload.as_ref().unwrap().restart_needed,
+        s.restart_needed
+    );
+    assert_eq!(s.master_connection_cap, 0, "still shared: {s:?}");
     // Put back, the next reload clears it.
     std::fs::write(srv.config_path(), "accept = \"shared\"\nworkers = 2\n").unwrap();
     assert_eq!(reload(&srv).0, 0);

@@ -111,9 +111,9 @@ fn broken_config_keeps_the_old_generation() {
             .body
             .starts_with("hi from worker")
     );
-    let s = srv.status().unwrap();
-    assert_eq!(s["last_reload"]["ok"], false);
-    assert_eq!(s["state"], "serving");
+    let s = srv.report();
+    assert!(!s.last_reload.unwrap().ok);
+    assert_eq!(s.state, "serving");
     // Fixed, it goes through, and the new greeting reaches the new workers.
     std::fs::write(srv.config_path(), "[service]\ngreeting = \"hey\"\n").unwrap();
     let (ok, text) = reload(&srv);

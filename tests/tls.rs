@@ -141,8 +141,8 @@ fn start(dir: tempfile::TempDir, toml: &str) -> Server {
         .args(&["--config", &file]),
     );
     let full = wait_until(Duration::from_secs(10), || {
-        let s = srv.status().ok()?;
-        (s["serving_workers"] == s["target_workers"] && s["state"] == "serving").then_some(())
+        let s: app::StatusReport = serde_json::from_value(srv.status().ok()?).ok()?;
+        (s.serving_workers == s.target_workers && s.state == "serving").then_some(())
     });
     assert!(full.is_some(), "never served; log:\n{}", srv.log_text());
     srv
@@ -203,9 +203,9 @@ fn tls12_and_tls13_handshakes_with_alpn() {
         );
         assert!(text.to_ascii_lowercase().contains("x-worker:"), "{text}");
     }
-    let st = srv.status().unwrap();
-    assert_eq!(st["tls"]["serial"], "03e9");
-    assert!(st["tls"]["days_left"].as_i64().unwrap() > 300);
+    let tls = srv.report().tls.expect("TLS in the status");
+    assert_eq!(tls.serial, "03e9");
+    assert!(tls.days_left > 300);
     // Plain HTTP on a TLS socket is not served.
     let mut plain = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
     plain
@@ -315,7 +315,7 @@ fn a_reload_rotates_the_certificate_with_no_failed_request() {
     assert_eq!(failed, 0);
     assert!(ok > 50, "too little load: {ok}");
     assert_eq!(tls_get(srv.port, cfg, "/").unwrap().1, "2222");
-    assert_eq!(srv.status().unwrap()["tls"]["serial"], "2222");
+    assert_eq!(srv.report().tls.unwrap().serial, "2222");
 }
 
 #[test]
@@ -398,7 +398,7 @@ fn certificate_expiry_is_a_metric_on_a_plain_metrics_socket() {
         tls_toml(dir.path(), "")
     );
     let srv = start(dir, &toml);
-    let not_after = srv.status().unwrap()["tls"]["not_after"].as_i64().unwrap();
+    let not_after = srv.report().tls.unwrap().not_after;
     // No `sockets` list: the HTTP socket speaks TLS, the metrics socket stays plain.
     let text = wait_until(Duration::from_secs(5), || {
         let r = get(mport, "/metrics").ok()?;
