@@ -169,6 +169,14 @@ impl Harness {
         h
     }
 
+    /// SIGTERM: a graceful stop.
+    fn sigterm(&mut self) -> Vec<Action> {
+        self.on(Event::Stop {
+            why: "SIGTERM",
+            fast: false,
+        })
+    }
+
     fn exit(&mut self, pid: i32, status: ExitStatus) -> Vec<Action> {
         self.on(Event::Exited(pid, status))
     }
@@ -389,10 +397,7 @@ fn the_restart_budget_spent_stops_everything_with_exit_code_69() {
 #[test]
 fn exits_at_shutdown_or_of_retired_workers_do_not_touch_the_budget() {
     let mut h = Harness::boot(config(2));
-    h.on(Event::Stop {
-        why: "SIGTERM",
-        fast: false,
-    });
+    h.sigterm();
     let out = h.exit_drained();
     assert!(counted(&out).is_empty(), "{out:?}");
     assert_eq!(h.sup.budget_used(h.now), 0);
@@ -821,10 +826,7 @@ fn a_stop_during_a_rollover_answers_its_waiters_and_drains_everything() {
     let mut h = Harness::boot(config(2));
     reload(&mut h, config(2), 1);
     h.on(Event::Reload(Some(ReplyTo(2))));
-    let out = h.on(Event::Stop {
-        why: "SIGTERM",
-        fast: false,
-    });
+    let out = h.sigterm();
     let r = replies(&out);
     assert_eq!(r.len(), 2);
     assert!(r.iter().all(|(_, r)| !r.ok));
@@ -937,10 +939,7 @@ fn keys_fixed_for_the_masters_life_are_kept_and_named() {
 #[test]
 fn a_graceful_stop_drains_kills_at_the_deadline_and_exits_when_all_are_gone() {
     let mut h = Harness::boot(config(2));
-    let out = h.on(Event::Stop {
-        why: "SIGTERM",
-        fast: false,
-    });
+    let out = h.sigterm();
     assert!(matches!(out[0], Action::StopAccepting));
     assert!(
         notified(&out)
@@ -970,14 +969,8 @@ fn sigquit_or_a_second_signal_kills_at_once() {
     });
     assert_eq!(kills(&out).len(), 2);
     let mut h = Harness::boot(config(2));
-    h.on(Event::Stop {
-        why: "SIGTERM",
-        fast: false,
-    });
-    let out = h.on(Event::Stop {
-        why: "SIGTERM",
-        fast: false,
-    });
+    h.sigterm();
+    let out = h.sigterm();
     assert_eq!(kills(&out).len(), 2);
 }
 
@@ -986,10 +979,7 @@ fn drain_delay_keeps_serving_while_probes_say_draining_then_stops() {
     let mut c = config(2);
     c.drain_delay = Duration::from_secs(3);
     let mut h = Harness::boot(c);
-    let out = h.on(Event::Stop {
-        why: "SIGTERM",
-        fast: false,
-    });
+    let out = h.sigterm();
     assert!(drained(&out).is_empty());
     assert_eq!(h.sup.readiness(), crate::loadboard::Readiness::Draining);
     // A reload now is refused: the service is on its way out.
@@ -1007,14 +997,8 @@ fn a_second_signal_during_the_drain_delay_stops_now() {
     let mut c = config(1);
     c.drain_delay = Duration::from_secs(3);
     let mut h = Harness::boot(c);
-    h.on(Event::Stop {
-        why: "SIGTERM",
-        fast: false,
-    });
-    let out = h.on(Event::Stop {
-        why: "SIGTERM",
-        fast: false,
-    });
+    h.sigterm();
+    let out = h.sigterm();
     assert_eq!(drained(&out).len(), 1);
 }
 
