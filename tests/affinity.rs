@@ -96,10 +96,9 @@ fn once_more_if_it_fails(test: &str, scenario: impl Fn()) {
     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(&scenario)).is_ok() {
         return;
     }
-    use std::io::Write;
-    let _ = std::io::stderr()
-        .lock()
-        .write_all(format!("\n{test}: failed once (see above), running it again\n").as_bytes());
+    say(&format!(
+        "{test}: failed once (see above), running it again"
+    ));
     scenario();
 }
 

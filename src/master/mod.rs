@@ -603,28 +603,24 @@ pub fn serve(
     crate::logging::init(&config.log_level, crate::logging::Identity::Master);
     // Both read and scrub the environment, so they run before any thread exists.
     let (mut listeners, activated) = crate::listen::take_or_bind(config.bind)?;
-    // The metrics endpoint: systemd's socket named `metrics`, else `--metrics ADDR`.
-    let metrics_name = crate::worker::METRICS_SOCKET;
-    if let Some(addr) = config.metrics
-        && !listeners.iter().any(|l| l.name == metrics_name)
-    {
-        let mut l = crate::listen::bind_tcp(addr)?;
-        l.name = metrics_name.to_string();
-        listeners.push(l);
-    }
-    // HAProxy's agent-check: systemd's socket named `agent`, else `--agent ADDR`.
-    let agent_name = crate::worker::AGENT_SOCKET;
-    if let Some(addr) = config.agent
-        && !listeners.iter().any(|l| l.name == agent_name)
-    {
-        let mut l = crate::listen::bind_tcp(addr)?;
-        l.name = agent_name.to_string();
-        listeners.push(l);
+    // The metrics endpoint: systemd's socket named `metrics`, else `--metrics ADDR`; HAProxy's
+    // agent-check: systemd's socket named `agent`, else `--agent ADDR`.
+    for (addr, name) in [
+        (config.metrics, crate::worker::METRICS_SOCKET),
+        (config.agent, crate::worker::AGENT_SOCKET),
+    ] {
+        if let Some(addr) = addr
+            && !listeners.iter().any(|l| l.name == name)
+        {
+            let mut l = crate::listen::bind_tcp(addr)?;
+            l.name = name.to_string();
+            listeners.push(l);
+        }
     }
     for (i, l) in listeners.iter().enumerate() {
         // The library serves `metrics` and `agent` itself unless the program registers a
         // handler.
-        if l.name == metrics_name || l.name == agent_name {
+        if [crate::worker::METRICS_SOCKET, crate::worker::AGENT_SOCKET].contains(&l.name.as_str()) {
             continue;
         }
         if !handlers.default && !handlers.named.contains(&l.name) {

@@ -656,10 +656,15 @@ pub fn cannot_run(what: &str) {
 /// that no setting fixes (too few CPUs, a checkout in a directory anyone can write, a host
 /// too busy to measure): not a failure even in CI, but never silent.
 pub fn skipped(what: &str) {
+    say(&format!("SKIPPED (cannot run here): {what}"));
+}
+
+/// A line on stderr that the test harness does not capture: seen even when the test passes.
+pub fn say(line: &str) {
     use std::io::Write;
     let _ = std::io::stderr()
         .lock()
-        .write_all(format!("\nSKIPPED (cannot run here): {what}\n").as_bytes());
+        .write_all(format!("\n{line}\n").as_bytes());
 }
 
 /// The IPC channel's descriptor number in worker `pid`, as the master told it
