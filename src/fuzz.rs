@@ -176,50 +176,54 @@ fn fuzz_config_file_corpus() {
     config::from_text(&full, 2).expect("the full example config is valid");
 }
 
+/// Every key of the schema (from [`config::keys`], so a new key is fuzzed as soon as it
+/// exists): a key of a table comes with its `[table]` header as another line, so a sequence
+/// of lines writes it in its table or, out of place, at the top level. Plus the user's
+/// `[service]` table and a key no table has.
+fn config_keys() -> Vec<String> {
+    let mut out: Vec<String> = vec!["[service]".into(), "greeting".into(), "bogus".into()];
+    for key in config::keys() {
+        let (table, name) = match key.split_once('.') {
+            Some((table, name)) => (Some(format!("[{table}]")), name.to_string()),
+            None => (None, key),
+        };
+        for line in table.into_iter().chain([name]) {
+            if !out.contains(&line) {
+                out.push(line);
+            }
+        }
+    }
+    out
+}
+
+/// The fuzzer writes every key of the schema, each in its table.
+#[test]
+fn fuzz_config_keys_are_the_schemas() {
+    let lines = config_keys();
+    for key in config::keys() {
+        let (table, name) = key.split_once('.').unwrap_or(("", &key));
+        assert!(lines.iter().any(|l| l == name), "{key}");
+        assert!(
+            table.is_empty() || lines.contains(&format!("[{table}]")),
+            "{key}"
+        );
+    }
+}
+
 fn config_line() -> impl Strategy<Value = String> {
-    let key = prop_oneof![
-        Just("workers"),
-        Just("bind"),
-        Just("log_level"),
-        Just("accept"),
-        Just("shutdown_timeout"),
-        Just("drain_timeout"),
-        Just("ready_timeout"),
-        Just("heartbeat_interval"),
-        Just("heartbeat_misses"),
-        Just("restart_limit"),
-        Just("restart_window"),
-        Just("min_uptime"),
-        Just("max_memory"),
-        Just("max_requests"),
-        Just("max_requests_jitter"),
-        Just("chaos"),
-        Just("[http]"),
-        Just("[service]"),
-        Just("greeting"),
-        Just("header_read_timeout"),
-        Just("keepalive_timeout"),
-        Just("max_header_bytes"),
-        Just("max_body_bytes"),
-        Just("max_connections"),
-        Just("max_headers"),
-        Just("body_read_timeout"),
-        Just("min_body_rate"),
-        Just("max_pending_body_bytes"),
-        Just("send_timeout"),
-        Just("bogus"),
-    ];
+    let key = proptest::sample::select(config_keys());
     let value = prop_oneof![
         any::<i64>().prop_map(|n| n.to_string()),
         any::<u64>().prop_map(|n| n.to_string()),
-        "[0-9]{1,25}(ms|s|m|h|d|y|KiB|MiB|GiB|x)?".prop_map(|s| format!("\"{s}\"")),
+        "[0-9]{1,25}(\\.[0-9])?( ?)(ms|s|m|h|d|y|KiB|MiB|GiB|KB|MB|GB|K|M|x)?"
+            .prop_map(|s| format!("\"{s}\"")),
         "\"[ -~]{0,20}\"",
         Just("true".to_string()),
         Just("[1, 2]".to_string()),
     ];
     (key, value).prop_map(|(k, v)| {
         if k.starts_with('[') {
-            k.to_string()
+            k
         } else {
             format!("{k} = {v}")
         }
