@@ -313,8 +313,8 @@ pub struct TlsTable {
 /// Flags of `app serve`. Every value also reads from `APP_<KEY>`; all are optional so that
 /// the file and the defaults can fill what is not given.
 ///
-/// Each field is named after its key in [`Config`] (a test checks), and serializes to the
-/// flag layer: what was given, in the file's form.
+/// Each field is named after its key in the configuration schema (a test checks), and
+/// serializes to the flag layer: what was given, in the file's form.
 #[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct ServeArgs {
     /// TOML configuration file (re-read on reload).
