@@ -442,23 +442,49 @@ pub struct Entry {
 
 /// What the file and the flags each set, kept to say where a value came from.
 struct Layers {
-    /// The file's path (`None` for text given directly), its text and its table.
-    file: Option<(Option<PathBuf>, String, toml::Table)>,
+    file: Option<FileLayer>,
     /// What clap filled from the flags and the environment.
     flags: serde_json::Map<String, serde_json::Value>,
 }
 
+struct FileLayer {
+    /// `None` for text given directly (tests).
+    path: Option<PathBuf>,
+    text: String,
+    table: toml::Table,
+}
+
 impl Layers {
-    fn new(args: &ServeArgs, file: Option<(Option<PathBuf>, String, toml::Table)>) -> Layers {
+    /// The file named by `--config`, if any, and the flags.
+    fn read(args: &ServeArgs) -> Result<Layers, Fatal> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = read_file(path)?;
+                let table = parse_file(&text)
+                    .map_err(|e| Fatal::config(format!("config error: {}: {e}", path.display())))?;
+                Some(FileLayer {
+                    path: Some(path.clone()),
+                    text,
+                    table,
+                })
+            }
+            None => None,
+        };
+        Layers::new(args, file)
+    }
+
+    fn new(args: &ServeArgs, file: Option<FileLayer>) -> Result<Layers, Fatal> {
+        // Fails only for a path that is not UTF-8, which no layer can carry.
         let flags = match serde_json::to_value(args) {
             Ok(serde_json::Value::Object(map)) => map,
-            _ => serde_json::Map::new(),
+            Ok(_) => serde_json::Map::new(),
+            Err(e) => return Err(Fatal::config(format!("config error: flags: {e}"))),
         };
-        Layers {
+        Ok(Layers {
             file,
             // A flag not given is `None`: not part of the layer.
             flags: flags.into_iter().filter(|(_, v)| !v.is_null()).collect(),
-        }
+        })
     }
 
     /// Where `key` ("table.key" inside a table) got its value.
@@ -479,9 +505,9 @@ impl Layers {
                 Source::Env
             };
         }
-        let in_file = self.file.as_ref().is_some_and(|(_, _, table)| {
+        let in_file = self.file.as_ref().is_some_and(|f| {
             let mut path = key.split('.');
-            let first = path.next().and_then(|k| table.get(k));
+            let first = path.next().and_then(|k| f.table.get(k));
             path.try_fold(first, |v, k| Some(v?.get(k)))
                 .flatten()
                 .is_some()
@@ -505,9 +531,9 @@ impl Layers {
             Source::Flag => format!(" (flag --{})", key.replace('_', "-")),
             Source::Env => format!(" (environment {})", env_name(key)),
             Source::File => {
-                let (path, text, _) = self.file.as_ref().expect("a file set it");
-                let line = line_of(text, key).map(|n| format!("line {n}"));
-                let path = path.as_ref().map(|p| p.display().to_string());
+                let file = self.file.as_ref().expect("a file set it");
+                let line = line_of(&file.text, key).map(|n| format!("line {n}"));
+                let path = file.path.as_ref().map(|p| p.display().to_string());
                 let parts: Vec<String> = path.into_iter().chain(line).collect();
                 format!(" ({})", parts.join(", "))
             }
@@ -576,16 +602,7 @@ impl Config {
         default_workers: usize,
         check: SettingsCheck,
     ) -> Result<Config, Fatal> {
-        let file = match &args.config {
-            Some(path) => {
-                let text = read_file(path)?;
-                let table = parse_file(&text)
-                    .map_err(|e| Fatal::config(format!("config error: {}: {e}", path.display())))?;
-                Some((Some(path.clone()), text, table))
-            }
-            None => None,
-        };
-        Self::merge(args, Layers::new(args, file), default_workers, check).map(|(c, _)| c)
+        Self::merge(args, Layers::read(args)?, default_workers, check).map(|(c, _)| c)
     }
 
     fn merge(
@@ -599,8 +616,8 @@ impl Config {
             ..Config::default()
         };
         let mut figment = Figment::from(Serialized::defaults(defaults));
-        if let Some((_, _, table)) = &layers.file {
-            figment = figment.merge(Serialized::defaults(table));
+        if let Some(file) = &layers.file {
+            figment = figment.merge(Serialized::defaults(&file.table));
         }
         let figment = figment.merge(Serialized::defaults(&layers.flags));
         let mut cfg: Config = figment.extract().map_err(|e| layers.figment_error(e))?;
@@ -738,16 +755,7 @@ impl Config {
         default_workers: usize,
         check: SettingsCheck,
     ) -> Result<(Config, Vec<Entry>), Fatal> {
-        let file = match &args.config {
-            Some(path) => {
-                let text = read_file(path)?;
-                let table = parse_file(&text)
-                    .map_err(|e| Fatal::config(format!("config error: {}: {e}", path.display())))?;
-                Some((Some(path.clone()), text, table))
-            }
-            None => None,
-        };
-        let (cfg, layers) = Self::merge(args, Layers::new(args, file), default_workers, check)?;
+        let (cfg, layers) = Self::merge(args, Layers::read(args)?, default_workers, check)?;
         let all = serde_json::to_value(&cfg).unwrap_or_default();
         let entries = keys()
             .into_iter()
@@ -968,7 +976,12 @@ pub fn from_text(text: &str, default_workers: usize) -> Result<Config, Fatal> {
 #[cfg(test)]
 fn load_text(text: &str, args: &ServeArgs, default_workers: usize) -> Result<Config, Fatal> {
     let table = parse_file(text).map_err(Fatal::config)?;
-    let layers = Layers::new(args, Some((None, text.to_string(), table)));
+    let file = FileLayer {
+        path: None,
+        text: text.to_string(),
+        table,
+    };
+    let layers = Layers::new(args, Some(file))?;
     Config::merge(args, layers, default_workers, any_settings).map(|(c, _)| c)
 }
 
