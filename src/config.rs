@@ -1249,8 +1249,35 @@ mod tests {
         }
     }
 
-    /// The README's configuration table lists exactly the schema's keys, and for each key
-    /// exactly the flag (and variable) that sets it.
+    /// A README default written as a value (`"30s"`, `1MiB`, `false`) is the schema's.
+    fn check_default(key: &str, cell: &str, defaults: &serde_json::Value) {
+        use serde_json::Value;
+        let Some(written) = cell.strip_prefix('`').and_then(|c| c.split('`').next()) else {
+            return; // Words: "none", "CPUs allowed", "see below".
+        };
+        let actual = defaults
+            .pointer(&format!("/{}", key.replace('.', "/")))
+            .unwrap_or(&Value::Null);
+        let same = match actual {
+            Value::String(a) => match (parse_duration(a), parse_duration(written)) {
+                (Ok(a), Ok(w)) => a == w,
+                _ => written.trim_matches('"') == a,
+            },
+            Value::Number(a) => match (a.as_u64(), a.as_f64()) {
+                (Some(a), _) => parse_size(written) == Ok(a),
+                (None, Some(a)) => written.parse::<f64>() == Ok(a),
+                _ => false,
+            },
+            other => written == other.to_string(),
+        };
+        assert!(
+            same || key == "service",
+            "{key}: README {written}, schema {actual}"
+        );
+    }
+
+    /// The README's configuration table lists exactly the schema's keys, for each key
+    /// exactly the flag (and variable) that sets it, and the schema's default.
     #[test]
     fn readme_table_matches_the_schema() {
         use clap::CommandFactory;
@@ -1275,17 +1302,22 @@ mod tests {
                 Some((table, key)) => format!("{table}.{key}"),
                 None => name,
             };
-            if !rows.iter().any(|(k, _): &(String, String)| *k == key) {
-                rows.push((key, cells[2].to_string()));
+            if !rows
+                .iter()
+                .any(|(k, _, _): &(String, String, String)| *k == key)
+            {
+                rows.push((key, cells[2].to_string(), cells[3].to_string()));
             }
         }
-        let mut listed: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+        let mut listed: Vec<&str> = rows.iter().map(|(k, _, _)| k.as_str()).collect();
         let mut keys = keys();
         listed.sort();
         keys.sort();
         assert_eq!(listed, keys, "README rows vs schema keys");
         let cmd = Probe::command();
-        for (key, cell) in &rows {
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        for (key, cell, default) in &rows {
+            check_default(key, default, &defaults);
             let flag = cmd.get_arguments().find(|a| a.get_id().as_str() == key);
             let written: Vec<String> = cell
                 .split('`')
