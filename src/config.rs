@@ -1268,7 +1268,7 @@ mod tests {
                 (None, Some(a)) => written.parse::<f64>() == Ok(a),
                 _ => false,
             },
-            other => written == other.to_string(),
+            other => *other == written,
         };
         assert!(
             same || key == "service",
