@@ -507,10 +507,11 @@ impl Layers {
         }
         let in_file = self.file.as_ref().is_some_and(|f| {
             let mut path = key.split('.');
-            let first = path.next().and_then(|k| f.table.get(k));
-            path.try_fold(first, |v, k| Some(v?.get(k)))
-                .flatten()
-                .is_some()
+            let mut value = path.next().and_then(|k| f.table.get(k));
+            for k in path {
+                value = value.and_then(|v| v.get(k));
+            }
+            value.is_some()
         });
         if in_file {
             Source::File
