@@ -176,24 +176,57 @@ fn fuzz_config_file_corpus() {
     config::from_text(&full, 2).expect("the full example config is valid");
 }
 
-/// A line of a configuration file: every key of the file's schema ([`config::file_keys`], so
-/// a new key is fuzzed the day it is added; `table.key` comes with its `[table]` header), the
-/// service's `greeting`, and one unknown key, with values of every shape.
+/// Every key of the schema (from [`config::keys`], so a new key is fuzzed as soon as it
+/// exists): a key of a table comes with its `[table]` header as another line, so a sequence
+/// of lines writes it in its table or, out of place, at the top level. Plus the user's
+/// `[service]` table and a key no table has.
+fn config_keys() -> Vec<String> {
+    let mut out: Vec<String> = vec!["[service]".into(), "greeting".into(), "bogus".into()];
+    for key in config::keys() {
+        let (table, name) = match key.split_once('.') {
+            Some((table, name)) => (Some(format!("[{table}]")), name.to_string()),
+            None => (None, key),
+        };
+        for line in table.into_iter().chain([name]) {
+            if !out.contains(&line) {
+                out.push(line);
+            }
+        }
+    }
+    out
+}
+
+/// The fuzzer writes every key of the schema, each in its table.
+#[test]
+fn fuzz_config_keys_are_the_schemas() {
+    let lines = config_keys();
+    for key in config::keys() {
+        let (table, name) = key.split_once('.').unwrap_or(("", &key));
+        assert!(lines.iter().any(|l| l == name), "{key}");
+        assert!(
+            table.is_empty() || lines.contains(&format!("[{table}]")),
+            "{key}"
+        );
+    }
+}
+
 fn config_line() -> impl Strategy<Value = String> {
-    let mut keys = config::file_keys();
-    keys.extend(["service.greeting".to_string(), "bogus".to_string()]);
-    let key = proptest::sample::select(keys);
+    let key = proptest::sample::select(config_keys());
     let value = prop_oneof![
         any::<i64>().prop_map(|n| n.to_string()),
         any::<u64>().prop_map(|n| n.to_string()),
-        "[0-9]{1,25}(ms|s|m|h|d|y|KiB|MiB|GiB|MB|K|x)?".prop_map(|s| format!("\"{s}\"")),
+        "[0-9]{1,25}(\\.[0-9])?( ?)(ms|s|m|h|d|y|KiB|MiB|GiB|KB|MB|GB|K|M|x)?"
+            .prop_map(|s| format!("\"{s}\"")),
         "\"[ -~]{0,20}\"",
         Just("true".to_string()),
         Just("[1, 2]".to_string()),
     ];
-    (key, value).prop_map(|(k, v)| match k.split_once('.') {
-        Some((table, key)) => format!("[{table}]\n{key} = {v}"),
-        None => format!("{k} = {v}"),
+    (key, value).prop_map(|(k, v)| {
+        if k.starts_with('[') {
+            k
+        } else {
+            format!("{k} = {v}")
+        }
     })
 }
 

@@ -30,6 +30,7 @@ pub struct WorkerSetup {
     /// This worker's entry on the load board.
     pub board_index: usize,
     pub log_level: String,
+    #[serde(with = "http_wire")]
     pub http: HttpLimits,
     /// The `[service]` table, for the user's settings type to deserialize.
     pub service: toml::Value,
@@ -54,6 +55,52 @@ pub struct WorkerSetup {
     /// such a master publishes no readiness, so its workers do not answer the path.
     #[serde(default)]
     pub ready_path: Option<String>,
+}
+
+/// `[http]` on the channel. The configuration writes durations as text ("10s"); the channel
+/// has always carried these four timeouts as whole milliseconds, and keeps doing so: a binary
+/// upgrade runs new workers under the old master (and a rollback, old workers under a new
+/// one). A key added to `[http]` since crosses in the configuration's own form, which an older
+/// worker ignores and a newer one, under an older master, takes as its default.
+mod http_wire {
+    use serde::de::Error as _;
+    use serde::ser::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::Value;
+
+    use crate::config::HttpLimits;
+
+    /// Frozen: the timeouts of the first channel.
+    const IN_MS: [&str; 4] = [
+        "header_read_timeout",
+        "keepalive_timeout",
+        "body_read_timeout",
+        "send_timeout",
+    ];
+
+    pub fn serialize<S: Serializer>(http: &HttpLimits, s: S) -> Result<S::Ok, S::Error> {
+        let mut v = serde_json::to_value(http).map_err(S::Error::custom)?;
+        for (key, d) in IN_MS.iter().zip([
+            http.header_read_timeout,
+            http.keepalive_timeout,
+            http.body_read_timeout,
+            http.send_timeout,
+        ]) {
+            v[key] = Value::from(d.as_millis() as u64);
+        }
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HttpLimits, D::Error> {
+        let mut v = Value::deserialize(d)?;
+        for key in IN_MS {
+            if let Some(ms) = v.get(key).and_then(Value::as_u64) {
+                let text = humantime::format_duration(std::time::Duration::from_millis(ms));
+                v[key] = Value::from(text.to_string());
+            }
+        }
+        serde_json::from_value(v).map_err(D::Error::custom)
+    }
 }
 
 /// Master → worker.
@@ -140,6 +187,29 @@ mod tests {
         c.encode(encode(&msg), &mut buf).unwrap();
         let frame = c.decode(&mut buf).unwrap().unwrap();
         assert_eq!(decode::<ToMaster>(&frame).unwrap(), msg);
+    }
+
+    /// `[http]` crosses exactly as the first channel carried it (plus keys added since), and
+    /// what an older master sends still reads.
+    #[test]
+    fn http_limits_keep_their_wire_form() {
+        let first = serde_json::json!({
+            "header_read_timeout": 10000, "keepalive_timeout": 75000,
+            "max_header_bytes": 16384, "max_body_bytes": 1048576, "max_connections": 10000,
+            "max_headers": 100, "body_read_timeout": 15000, "min_body_rate": 240,
+            "max_pending_body_bytes": 67108864, "send_timeout": 30000,
+            "access_log": false, "access_log_sample": 1.0
+        });
+        let mut sent =
+            http_wire::serialize(&HttpLimits::default(), serde_json::value::Serializer).unwrap();
+        sent.as_object_mut().unwrap().remove("ready_path");
+        assert_eq!(sent, first);
+        let mut read = http_wire::deserialize(first).unwrap();
+        assert_eq!(read, HttpLimits::default());
+        read.send_timeout = Duration::from_millis(1500);
+        let sent = http_wire::serialize(&read, serde_json::value::Serializer).unwrap();
+        assert_eq!(sent["send_timeout"], 1500);
+        assert_eq!(http_wire::deserialize(sent).unwrap(), read);
     }
 
     #[test]

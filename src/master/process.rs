@@ -208,7 +208,7 @@ impl Master {
             crash_on_boot: config.chaos_boot_crash,
             tls: config.tls.clone(),
             tls_tickets,
-            ready_path: config.ready_path.clone(),
+            ready_path: config.http.ready_path(),
         };
         let tx = attach_channel(
             pid,
