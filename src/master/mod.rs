@@ -405,30 +405,27 @@ impl Master {
     /// `app status` is answered here (it needs `/proc` and the metrics page); everything
     /// else is the core's.
     fn on_control(&mut self, req: control::Incoming) -> Option<Event> {
-        if req.request == Request::Status {
-            let status = self.status_report();
-            let _ = req.reply.send(Reply {
-                ok: true,
-                status: Some(status),
-                ..Default::default()
-            });
-            return None;
-        }
-        self.next_reply += 1;
-        let reply_to = ReplyTo(self.next_reply);
-        self.replies.insert(reply_to, req.reply);
-        let reply_to = || reply_to;
-        Some(match req.request {
-            Request::Status => return None,
-            Request::Reload => Event::Reload(Some(reply_to())),
-            Request::Drain => Event::Drain(reply_to()),
-            Request::Undrain => Event::Undrain(reply_to()),
-            Request::Scale { to, by } => Event::Scale {
-                to,
-                by,
-                reply: reply_to(),
-            },
-        })
+        // A status is answered at once from the shell's view; everything else is a decision
+        // for the core, answered through `Action::Reply` when it is done.
+        let reply = ReplyTo(self.next_reply + 1);
+        let event = match req.request {
+            Request::Status => {
+                let status = self.status_report();
+                let _ = req.reply.send(Reply {
+                    ok: true,
+                    status: Some(status),
+                    ..Default::default()
+                });
+                return None;
+            }
+            Request::Reload => Event::Reload(Some(reply)),
+            Request::Drain => Event::Drain(reply),
+            Request::Undrain => Event::Undrain(reply),
+            Request::Scale { to, by } => Event::Scale { to, by, reply },
+        };
+        self.next_reply = reply.0;
+        self.replies.insert(reply, req.reply);
+        Some(event)
     }
 
     // ---- the steps of every turn ---------------------------------------------------------
