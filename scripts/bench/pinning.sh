@@ -38,11 +38,13 @@ in the scenarios
   hog        wrk -t2 -c64 with a CPU hog pinned to CPU 1 (`taskset -c 1` busy loop) for the
              whole scenario
   busy       wrk -t2 -c64 with a hog pinned to every CPU: no CPU idles, so auto should stay
-             pinned (nothing to gain by widening)
+             pinned (nothing to gain by widening). Before it, once the hog scenario's load
+             has stopped, the bench waits (up to 60 s) for app-auto to pin its workers again,
+             and reports how long that took.
 Each run: WARM s of unmeasured load, then DURATION s measured; RUNS runs per server and
 scenario; medians. Per run: req/s, p99, server CPU us/request (utime+stime of the server's
 process tree; the hog and wrk excluded), Jain's fairness over per-worker requests and the
-workers' Cpus_allowed_list at the end (app). Ratios to nginx, to tokio-mt and app-auto/app-pin.
+workers' affinity (mode/Cpus_allowed_list) at the start and end of the measured part (app). Ratios to nginx, to tokio-mt and app-auto/app-pin.
 Writes target/bench/pinning.{json,txt}.
 
 Options:
@@ -181,6 +183,24 @@ status_workers() { # app: [{id,pid,requests,cpus_allowed,affinity}]
         jq -c '[.workers[] | {id, pid, requests, cpus_allowed, affinity}]' 2>/dev/null || echo '[]'
 }
 
+REPIN_S=null
+wait_pinned() { # app-auto: seconds until every worker is pinned again (null: not within 60 s)
+    local t0 w
+    [ -n "${DIR[app-auto]:-}" ] || return 0
+    t0=$(date +%s.%N)
+    for _ in $(seq 600); do
+        w=$(status_workers app-auto)
+        if [ "$(jq '[.[] | .affinity == "pinned"] | length > 0 and all' <<<"$w")" = true ]; then
+            REPIN_S=$(jq -n --arg a "$t0" --arg b "$(date +%s.%N)" '($b | tonumber) - ($a | tonumber) | . * 10 | round / 10')
+            log "app-auto: every worker pinned again ${REPIN_S}s after the load stopped"
+            return 0
+        fi
+        sleep 0.1
+    done
+    REPIN_S=null
+    log "app-auto: workers still widened 60 s after the load stopped: $(jq -c . <<<"$w")"
+}
+
 run() { # server scenario rep
     local n=$1 sc=$2 rep=$3 url threads=2 conns=$CONNS pids t0 t1 s0 s1 out w
     url=http://127.0.0.1:${PORT[$n]}/
@@ -206,6 +226,7 @@ run() { # server scenario rep
            requests: $w.requests, rps: ($w.requests / ($w.duration_us / 1e6)), p99_ms: ($w.lat_p99_us / 1000),
            errors: $err, cpu_us_per_req: (if $w.requests > 0 then ($t1 - $t0) / $clk * 1e6 / $w.requests else null end),
            worker_requests: $req, fairness: ($req | jain),
+           affinity_start: [$s0[] | "\(.id):\(.affinity // "?")/\(.cpus_allowed // "?")"],
            affinity_end: [$s1[] | "\(.id):\(.affinity // "?")/\(.cpus_allowed // "?")"]}' >>"$RUNS_FILE"
     log "$(tail -n 1 "$RUNS_FILE" | jq -r '"\(.scenario) \(.server) run \(.rep): \(.rps | floor) req/s, p99 \(.p99_ms) ms, \(.cpu_us_per_req * 100 | round / 100) us/req, errors \(.errors)\(if (.affinity_end | length) > 0 then ", fairness \(.fairness // "-" | tostring | .[0:5]), affinity " + (.affinity_end | join(" ")) else "" end)"')"
 }
@@ -221,6 +242,10 @@ for sc in "${SCEN[@]}"; do
         log "hog: pid $HOG busy on CPU $HOG_CPU"
         ;;
     busy)
+        # The pool enters widened from the scenarios before (a widened worker stays widened
+        # while its home CPU is busy); what this scenario asks is whether a pinned pool is
+        # widened when no CPU idles, so it starts from a pinned pool.
+        wait_pinned
         for c in $(seq 0 $(($(nproc) - 1))); do
             taskset -c "$c" sh -c 'while :; do :; done' &
             HOG="$HOG $!"
@@ -242,7 +267,7 @@ for n in app-auto app-pin app-none; do
 done
 jq -s --arg host "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) CPUs, $(uname -r)" \
     --arg git "$(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- src Cargo.toml || echo -dirty)" \
-    --argjson dur "$DURATION" --argjson warm "$WARM" --argjson runs "$RUNS" --argjson workers "$WORKERS" '
+    --argjson dur "$DURATION" --argjson warm "$WARM" --argjson nruns "$RUNS" --argjson workers "$WORKERS" --argjson repin "$REPIN_S" '
     def median: map(select(. != null)) | sort | length as $n
         | if $n == 0 then null elif $n % 2 == 1 then .[($n - 1) / 2] else (.[$n / 2 - 1] + .[$n / 2]) / 2 end;
     def r3: if . == null then null else (. * 1000 | round) / 1000 end;
@@ -253,7 +278,7 @@ jq -s --arg host "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/
         fairness: (map(.fairness) | median), errors: (map(.errors) | add), rps_runs: map(.rps | floor),
         affinity_end: (last | .affinity_end)})) as $sum
     | def get($sc; $s): first($sum[] | select(.scenario == $sc and .server == $s)) // null;
-      {meta: {host: $host, git: $git, duration_s: $dur, warm_s: $warm, runs: $runs, workers: $workers},
+      {meta: {host: $host, git: $git, duration_s: $dur, warm_s: $warm, runs: $nruns, workers: $workers, repin_after_load_s: $repin},
        runs: $runs,
        summary: [$sum[] | . as $x | get($x.scenario; "nginx") as $ng | get($x.scenario; "tokio-mt") as $mt
                  | get($x.scenario; "app-pin") as $pin | get($x.scenario; "bare") as $bare | get($x.scenario; "app-none") as $none
@@ -269,11 +294,14 @@ jq -s --arg host "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/
                    (select($sc != "t2" and $sc != "busy") | {scenario: $sc, target: ">= 1.25x app-pin (today)", value: ratio($a.rps; $pin.rps), ok: (ratio($a.rps; $pin.rps) | if . == null then null else . >= 1.25 end)}),
                    (select($sc == "t2") | {scenario: $sc, target: "fairness (Jain) >= 0.95", value: ($a.fairness | r3), ok: ($a.fairness | if . == null then null else . >= 0.95 end)}),
                    (select($sc == "t2") | {scenario: $sc, target: "workers pinned one per CPU at the end of every run", value: ([$runs[] | select(.scenario == "t2" and .server == "app-auto") | .affinity_end | join(" ")] | unique | join("; ")), ok: ([$runs[] | select(.scenario == "t2" and .server == "app-auto") | .affinity_end[] | test("pinned")] | all)}),
-                   (select($sc == "busy") | {scenario: $sc, target: "no CPU idles: workers stay pinned in every run", value: ([$runs[] | select(.scenario == "busy" and .server == "app-auto") | .affinity_end | join(" ")] | unique | join("; ")), ok: ([$runs[] | select(.scenario == "busy" and .server == "app-auto") | .affinity_end[] | test("pinned")] | all)})]}' \
+                   (select($sc == "busy") | [$runs[] | select(.scenario == "busy" and .server == "app-auto")] as $b
+                    | {scenario: $sc, target: "no CPU idles: a pinned pool stays pinned in every run", value: ([$b[] | "\(.affinity_start | join(" ")) -> \(.affinity_end | join(" "))"] | unique | join("; ")),
+                       ok: (if ($b | length) == 0 or ([$b[0].affinity_start[] | test("pinned")] | all | not) then null else ([$b[] | .affinity_end[] | test("pinned")] | all) end)})]}' \
     "$RUNS_FILE" >"$OUT/pinning.json"
 
 {
-    jq -r '.meta | "== cpu_affinity bench: \(.host); git \(.git); \(.workers) workers/threads; wrk, \(.warm_s) s warm-up + \(.duration_s) s per run, \(.runs) runs each, interleaved; medians"' "$OUT/pinning.json"
+    jq -r '.meta | "== cpu_affinity bench: \(.host); git \(.git); \(.workers) workers/threads; wrk, \(.warm_s) s warm-up + \(.duration_s) s per run, \(.runs) runs each, interleaved; medians",
+        (if .repin_after_load_s == null then empty else "app-auto pinned its workers again \(.repin_after_load_s) s after the hog scenario'"'"'s load stopped" end)' "$OUT/pinning.json"
     echo
     jq -r 'def f($d): if . == null then "-" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
         (["scenario", "server", "req/s", "p99 ms", "CPU us/req", "x nginx", "x tokio-mt", "x app-pin", "x app-none", "x bare", "CPU x nginx", "fairness", "errors", "req/s per run", "affinity at end"] | @tsv),

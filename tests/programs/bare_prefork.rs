@@ -3,7 +3,8 @@
 //! single-threaded tokio runtime, all accepting on that socket. No pinning, no heartbeats,
 //! no restarts, no load board.
 //!
-//! `bare_prefork ADDR N`
+//! `bare_prefork ADDR N`; N = 0 serves in this process without forking (one worker that
+//! `callgrind_control` can reach, for `scripts/bench/instructions.sh --bare`).
 
 use std::sync::Arc;
 
@@ -44,6 +45,9 @@ fn main() {
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:8080".into());
     let n: usize = args.next().and_then(|t| t.parse().ok()).unwrap_or(2);
     let listener = std::net::TcpListener::bind(&addr).unwrap();
+    if n == 0 {
+        serve(listener, 0);
+    }
     let parent = std::process::id() as i32;
     for id in 0..n {
         // SAFETY: no thread exists yet; the child only builds its own runtime.
