@@ -185,20 +185,30 @@ status_workers() { # app: [{id,pid,requests,cpus_allowed,affinity}]
 
 REPIN_S=null
 wait_pinned() { # app-auto: seconds until every worker is pinned again (null: not within 60 s)
-    local t0 w
+    # Polled from /proc with shell builtins only, twice a second: `app status` and jq in a
+    # tight loop are themselves the foreign load that keeps the pool from being re-pinned.
+    local t0 pids p line n one
     [ -n "${DIR[app-auto]:-}" ] || return 0
-    t0=$(date +%s.%N)
-    for _ in $(seq 600); do
-        w=$(status_workers app-auto)
-        if [ "$(jq '[.[] | .affinity == "pinned"] | length > 0 and all' <<<"$w")" = true ]; then
-            REPIN_S=$(jq -n --arg a "$t0" --arg b "$(date +%s.%N)" '($b | tonumber) - ($a | tonumber) | . * 10 | round / 10')
-            log "app-auto: every worker pinned again ${REPIN_S}s after the load stopped"
+    pids=$(status_workers app-auto | jq -r '.[].pid')
+    t0=$(date +%s%N)
+    for _ in $(seq 120); do
+        n=0 one=0
+        for p in $pids; do
+            n=$((n + 1))
+            while IFS= read -r line; do
+                case $line in Cpus_allowed_list:*) [[ ${line#*:} =~ ^[[:space:]]*[0-9]+$ ]] && one=$((one + 1)) ;; esac
+            done <"/proc/$p/status"
+        done
+        if [ "$n" -gt 0 ] && [ "$one" = "$n" ]; then
+            REPIN_S=$(( ($(date +%s%N) - t0) / 100000000 ))
+            REPIN_S=$((REPIN_S / 10)).$((REPIN_S % 10))
+            log "app-auto: every worker pinned again ${REPIN_S}s after the load stopped ($(status_workers app-auto | jq -r '[.[] | "\(.id):\(.affinity)/\(.cpus_allowed)"] | join(" ")'))"
             return 0
         fi
-        sleep 0.1
+        sleep 0.5
     done
     REPIN_S=null
-    log "app-auto: workers still widened 60 s after the load stopped: $(jq -c . <<<"$w")"
+    log "app-auto: workers still widened 60 s after the load stopped: $(status_workers app-auto | jq -c .)"
 }
 
 run() { # server scenario rep
@@ -267,7 +277,7 @@ for n in app-auto app-pin app-none; do
 done
 jq -s --arg host "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) CPUs, $(uname -r)" \
     --arg git "$(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- src Cargo.toml || echo -dirty)" \
-    --argjson dur "$DURATION" --argjson warm "$WARM" --argjson nruns "$RUNS" --argjson workers "$WORKERS" --argjson repin "$REPIN_S" '
+    --argjson dur "$DURATION" --argjson warm "$WARM" --argjson nruns "$RUNS" --argjson workers "$WORKERS" --argjson repin "$REPIN_S" --arg scenarios "$SCENARIOS" '
     def median: map(select(. != null)) | sort | length as $n
         | if $n == 0 then null elif $n % 2 == 1 then .[($n - 1) / 2] else (.[$n / 2 - 1] + .[$n / 2]) / 2 end;
     def r3: if . == null then null else (. * 1000 | round) / 1000 end;
@@ -278,7 +288,7 @@ jq -s --arg host "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/
         fairness: (map(.fairness) | median), errors: (map(.errors) | add), rps_runs: map(.rps | floor),
         affinity_end: (last | .affinity_end)})) as $sum
     | def get($sc; $s): first($sum[] | select(.scenario == $sc and .server == $s)) // null;
-      {meta: {host: $host, git: $git, duration_s: $dur, warm_s: $warm, runs: $nruns, workers: $workers, repin_after_load_s: $repin},
+      {meta: {host: $host, git: $git, duration_s: $dur, warm_s: $warm, runs: $nruns, workers: $workers, repin_after_load_s: $repin, scenarios: $scenarios},
        runs: $runs,
        summary: [$sum[] | . as $x | get($x.scenario; "nginx") as $ng | get($x.scenario; "tokio-mt") as $mt
                  | get($x.scenario; "app-pin") as $pin | get($x.scenario; "bare") as $bare | get($x.scenario; "app-none") as $none
@@ -301,7 +311,7 @@ jq -s --arg host "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/
 
 {
     jq -r '.meta | "== cpu_affinity bench: \(.host); git \(.git); \(.workers) workers/threads; wrk, \(.warm_s) s warm-up + \(.duration_s) s per run, \(.runs) runs each, interleaved; medians",
-        (if .repin_after_load_s == null then empty else "app-auto pinned its workers again \(.repin_after_load_s) s after the hog scenario'"'"'s load stopped" end)' "$OUT/pinning.json"
+        (if .repin_after_load_s == null then empty else "app-auto pinned its workers again \(.repin_after_load_s) s after the load before the busy scenario stopped (scenarios \(.scenarios))" end)' "$OUT/pinning.json"
     echo
     jq -r 'def f($d): if . == null then "-" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
         (["scenario", "server", "req/s", "p99 ms", "CPU us/req", "x nginx", "x tokio-mt", "x app-pin", "x app-none", "x bare", "CPU x nginx", "fairness", "errors", "req/s per run", "affinity at end"] | @tsv),
