@@ -36,7 +36,7 @@ in the scenarios
   t1         wrk -t1 -c64 (the client takes part of one CPU)
   t1-c256    wrk -t1 -c256
   hog        wrk -t2 -c64 with a CPU hog pinned to CPU 1 (`taskset -c 1` busy loop) for the
-             whole scenario
+             whole scenario (started 2.5 s before the first run, as busy's hogs are)
   busy       wrk -t2 -c64 with a hog pinned to every CPU: no CPU idles, so auto should stay
              pinned (nothing to gain by widening). Before it, once the hog scenario's load
              has stopped, the bench waits (up to 60 s) for app-auto to pin its workers again,
@@ -261,12 +261,12 @@ for sc in "${SCEN[@]}"; do
             HOG="$HOG $!"
         done
         log "hogs: pids$HOG, one busy on every CPU"
-        # Two of the master's 1 s samples of the busy host before any load: a sample that
-        # straddles the hogs' start still sees an idle CPU, and a policy fed it widens for
-        # a reason the scenario does not have.
-        sleep 2.5
         ;;
     esac
+    # Two of the master's 1 s samples of the hogged host before any load: a sample that
+    # straddles a hog's start still sees that CPU idle, and a policy fed it decides on a
+    # host the scenario does not have.
+    if [ -n "$HOG" ]; then sleep 2.5; fi
     for r in $(seq 1 "$RUNS"); do
         for n in "${NAMES[@]}"; do
             run "$n" "$sc" "$r"
