@@ -76,18 +76,16 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    /// Wraps `inner`, reserving `declared` bytes (a `Content-Length`) of the budget; `None`
-    /// when the budget cannot hold them.
-    pub(crate) fn new(
+    /// Wraps `inner`, which holds `declared` bytes (a `Content-Length`) of the budget: the
+    /// caller took them with [`BodyBudget::take`] first, and answered 503 if it could not
+    /// (so the request is never taken apart and put together again for this).
+    pub(crate) fn holding(
         inner: Incoming,
         limits: &HttpLimits,
         budget: &'static BodyBudget,
         declared: u64,
-    ) -> Result<RequestBody, Incoming> {
-        if declared > 0 && !budget.take(declared) {
-            return Err(inner);
-        }
-        Ok(RequestBody {
+    ) -> RequestBody {
+        RequestBody {
             inner: Limited::new(
                 inner,
                 usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
@@ -102,7 +100,7 @@ impl RequestBody {
             min_rate: limits.min_body_rate,
             timer: None,
             failed: false,
-        })
+        }
     }
 
     /// When the body must have delivered more: the next read's deadline, or the moment its

@@ -110,8 +110,11 @@ pub fn take_listeners(
 
 /// A request once [`Server::start`] is done with it.
 enum Started {
-    /// The worker answered it itself (413, 503, a panic in `call`).
-    Answered(Response<ResponseBody>),
+    /// The worker answered it itself (413, 503, a panic in `call`, the readiness probe):
+    /// boxed, so that the common case stays a few words; taken when polled.
+    Answered(Box<Response<ResponseBody>>),
+    /// Polled to its end.
+    Done,
     /// The service's future.
     Running(
         futures_util::future::LocalBoxFuture<
@@ -146,6 +149,10 @@ pub struct Server {
     /// would not hold them (see [`descriptor_budget`]).
     conn_limit: usize,
     worker_header: HeaderValue,
+    /// `[http] ready_path`, answered on every measured socket before the service sees it
+    /// (see [`ready`]); checked here rather than in a wrapper service, which would move every
+    /// request once more.
+    ready_path: Option<Box<str>>,
     stats: Rc<Stats>,
     budget: &'static BodyBudget,
     h1: http1::Builder,
@@ -190,14 +197,6 @@ impl Server {
             })
             .collect();
         let mut handlers = routes.resolve(&setup.listeners)?;
-        if let Some(path) = &setup.ready_path {
-            let path: Rc<str> = Rc::from(path.as_str());
-            for (h, _) in handlers.iter_mut().zip(&measured).filter(|(_, m)| **m) {
-                if let Handler::Http(svc) = h {
-                    *svc = ready::wrap(svc.clone(), path.clone(), stats.clone());
-                }
-            }
-        }
         if setup.chaos {
             for (h, _) in handlers
                 .iter_mut()
@@ -251,6 +250,7 @@ impl Server {
             budget: BodyBudget::new(limits.max_pending_body_bytes),
             limits,
             worker_header: HeaderValue::from(setup.slot),
+            ready_path: setup.ready_path.as_deref().map(Box::from),
             stats,
             h1,
             h2,
@@ -266,65 +266,62 @@ impl Server {
         if measured {
             self.stats.request_started();
         }
-        let (parts, body) = req.into_parts();
         // hyper's own reading of the framing: `Content-Length` when that decides the length
         // (not when chunked encoding overrides it), zero for no body.
-        let declared = body.size_hint().exact();
+        let declared = req.body().size_hint().exact();
         if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
-            return Started::Answered(closing(plain(
+            return Started::Answered(Box::new(closing(plain(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body too large\n",
-            )));
+            ))));
         }
-        match RequestBody::new(body, &self.limits, self.budget, declared.unwrap_or(0)) {
-            Err(_) => {
-                let mut r = closing(plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too many request bodies in flight\n",
-                ));
-                r.headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-                Started::Answered(r)
-            }
-            Ok(body) => {
-                let req = Request::from_parts(parts, body);
-                // A service may panic in `call` itself, before it returns its future.
-                match std::panic::catch_unwind(AssertUnwindSafe(|| svc(req))) {
-                    Ok(fut) => Started::Running(fut),
-                    Err(panic) => Started::Answered(self.panicked(panic)),
-                }
-            }
+        if measured && self.ready_path.as_deref() == Some(req.uri().path()) {
+            return Started::Answered(Box::new(ready::answer(self.stats.readiness())));
+        }
+        let declared = declared.unwrap_or(0);
+        if declared > 0 && !self.budget.take(declared) {
+            let mut r = closing(plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many request bodies in flight\n",
+            ));
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            return Started::Answered(Box::new(r));
+        }
+        let req = req.map(|body| RequestBody::holding(body, &self.limits, self.budget, declared));
+        // A service may panic in `call` itself, before it returns its future.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| svc(req))) {
+            Ok(fut) => Started::Running(fut),
+            Err(panic) => Started::Answered(Box::new(self.panicked(panic))),
         }
     }
 
-    /// The response of a started request, with its headers: panics and errors become 500s.
-    async fn finish(
-        &self,
-        started: Started,
-        version: Version,
-        draining: bool,
-    ) -> Response<ResponseBody> {
-        let mut resp = match started {
-            Started::Answered(r) => r,
-            Started::Running(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    warn!("the service returned an error: {e}");
-                    closing(plain(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal server error\n",
-                    ))
-                }
-                Err(panic) => self.panicked(panic),
-            },
-        };
+    /// The response of a request, with the worker's headers.
+    fn finish(&self, resp: &mut Response<ResponseBody>, version: Version, draining: bool) {
         resp.headers_mut()
             .insert(X_WORKER, self.worker_header.clone());
         if draining && version < Version::HTTP_2 {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        resp
+    }
+
+    /// The service's own failure as a response: its error or its panic becomes a 500.
+    fn failed(
+        &self,
+        outcome: std::thread::Result<Result<Response<ResponseBody>, crate::server::BoxError>>,
+    ) -> Response<ResponseBody> {
+        match outcome {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                warn!("the service returned an error: {e}");
+                closing(plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal server error\n",
+                ))
+            }
+            Err(panic) => self.panicked(panic),
+        }
     }
 
     /// A handler panicked: the worker leaves (and is replaced), the client gets a 500.
@@ -695,10 +692,69 @@ impl Access {
 /// completes the request's access-log entry, if it has one.
 struct Tracked {
     inner: ResponseBody,
+    meta: RequestMeta,
+}
+
+/// What a request carries from its start to its response's end.
+struct RequestMeta {
     clock: Arc<ConnClock>,
     access: Option<Box<Access>>,
     /// For the metrics: method, status, start, response body bytes so far.
     meter: Option<Meter>,
+}
+
+/// A request's response, as hyper awaits it: the service's future (or the worker's own
+/// answer), then the worker's headers and the [`Tracked`] body. Written out rather than as
+/// `async` blocks: each nested block is a state machine holding the next, and hyper moves
+/// the whole of it per request; this one is a few words.
+struct Respond {
+    started: Started,
+    server: Rc<Server>,
+    meta: Option<RequestMeta>,
+    version: Version,
+    draining: bool,
+}
+
+impl std::future::Future for Respond {
+    type Output = Result<Response<Tracked>, Infallible>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let mut resp = match &mut this.started {
+            Started::Running(fut) => {
+                match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+                    Ok(Poll::Pending) => return Poll::Pending,
+                    Ok(Poll::Ready(r)) => this.server.failed(Ok(r)),
+                    Err(panic) => this.server.failed(Err(panic)),
+                }
+            }
+            Started::Answered(_) => match std::mem::replace(&mut this.started, Started::Done) {
+                Started::Answered(r) => *r,
+                _ => unreachable!("matched above"),
+            },
+            Started::Done => panic!("Respond polled after it completed"),
+        };
+        this.server.finish(&mut resp, this.version, this.draining);
+        let mut meta = this.meta.take().expect("Respond polled after it completed");
+        let status = resp.status().as_u16();
+        if let Some(a) = &mut meta.access {
+            a.status = status;
+        }
+        if let Some(m) = &mut meta.meter {
+            m.status = status;
+            if status == 101 {
+                let _ = meta
+                    .clock
+                    .upgraded
+                    .set(crate::metrics::OpenAs::new(crate::metrics::Proto::Upgraded));
+            }
+        }
+        Poll::Ready(Ok(resp.map(|inner| Tracked { inner, meta })))
+    }
 }
 
 struct Meter {
@@ -722,7 +778,7 @@ impl http_body::Body for Tracked {
             && let Some(data) = frame.data_ref()
         {
             let n = data.len() as u64;
-            let this = &mut *self;
+            let this = &mut self.meta;
             if let Some(a) = &mut this.access {
                 a.bytes += n;
             }
@@ -746,11 +802,12 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         // One clock reading for the idle clock, the metrics and the log.
         let now = now_ns();
-        self.clock.request_finished(now);
-        if let Some(a) = &self.access {
+        let meta = &self.meta;
+        meta.clock.request_finished(now);
+        if let Some(a) = &meta.access {
             a.log(now);
         }
-        if let Some(m) = &self.meter {
+        if let Some(m) = &meta.meter {
             crate::metrics::request_done(
                 m.method,
                 m.status,
@@ -807,32 +864,17 @@ async fn serve_http<IO>(
                 bytes: 0,
             });
             let version = req.version();
-            let started_req = server.start(&svc, req, measured);
-            let draining = server.stats.is_draining();
-            let server = server.clone();
-            let clock = clock.clone();
-            async move {
-                let resp = server.finish(started_req, version, draining).await;
-                let mut access = access;
-                let status = resp.status().as_u16();
-                if let Some(a) = &mut access {
-                    a.status = status;
-                }
-                let mut meter = meter;
-                if let Some(m) = &mut meter {
-                    m.status = status;
-                    if status == 101 {
-                        let _ = clock
-                            .upgraded
-                            .set(crate::metrics::OpenAs::new(crate::metrics::Proto::Upgraded));
-                    }
-                }
-                Ok::<_, Infallible>(resp.map(|inner| Tracked {
-                    inner,
-                    clock,
+            let started = server.start(&svc, req, measured);
+            Respond {
+                started,
+                draining: server.stats.is_draining(),
+                server: server.clone(),
+                meta: Some(RequestMeta {
+                    clock: clock.clone(),
                     access,
                     meter,
-                }))
+                }),
+                version,
             }
         })
     };
@@ -961,10 +1003,17 @@ async fn drive<C: Graceful>(
 ) -> hyper::Result<()> {
     let limits = &server.limits;
     let mut closing = false;
+    // Made once: a `watch` wait made afresh on every wake-up (once per request) registers and
+    // unregisters a waiter each time.
+    let drained = shutdown.reached(close_at);
+    tokio::pin!(drained);
     loop {
+        // Biased: the connection is what wakes this task nearly every time; drawing a random
+        // branch order per wake-up buys no fairness between three futures of one task.
         tokio::select! {
+            biased;
             r = conn.as_mut() => return r,
-            _ = shutdown.reached(close_at), if !closing => {
+            _ = drained.as_mut(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful();
             }

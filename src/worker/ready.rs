@@ -1,8 +1,9 @@
 //! What a load balancer asks a worker: whether the pool wants new traffic.
 //!
 //! * The readiness endpoint (`[http] ready_path`, `/.well-known/ready` by default), answered
-//!   here around the service on every HTTP socket, like the chaos routes: 200 `ready` when
-//!   the pool is ready, 503 with the state (`starting`, `draining`, `stopping`) otherwise.
+//!   in front of the service on every measured HTTP socket (`Server::start` checks the
+//!   path): 200 `ready` when the pool is ready, 503 with the state (`starting`,
+//!   `draining`, `stopping`) otherwise.
 //!   Every other path still goes to the service, also while draining: a drain only asks the
 //!   load balancer to send new requests elsewhere, it refuses nothing.
 //! * HAProxy's `agent-check` on the socket named `agent`: one line (`ready`, `drain` or
@@ -20,7 +21,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use tokio::io::AsyncWriteExt;
 
-use super::routes::{BoxHttp, Handler, ResponseBody};
+use super::routes::{Handler, ResponseBody};
 use super::stats::Stats;
 use crate::loadboard::Readiness;
 
@@ -28,29 +29,20 @@ use crate::loadboard::Readiness;
 /// agent-check protocol, unless the program registers its own handler for it.
 pub const AGENT_SOCKET: &str = "agent";
 
-/// `inner`, with `path` answered here.
-pub fn wrap(inner: BoxHttp, path: Rc<str>, stats: Rc<Stats>) -> BoxHttp {
-    Rc::new(move |req| {
-        if req.uri().path() != &*path {
-            return inner(req);
-        }
-        let state = stats.readiness();
-        async move {
-            let (status, body) = match state {
-                Readiness::Ready => (StatusCode::OK, "ready\n"),
-                other => (StatusCode::SERVICE_UNAVAILABLE, word(other)),
-            };
-            let mut r = Response::new(ResponseBody::new(Full::new(Bytes::from_static(
-                body.as_bytes(),
-            ))));
-            *r.status_mut() = status;
-            // A cached "ready" would hide the drain it exists to announce.
-            r.headers_mut()
-                .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            Ok::<Response<ResponseBody>, _>(r)
-        }
-        .boxed_local()
-    })
+/// The readiness endpoint's answer in `state`.
+pub fn answer(state: Readiness) -> Response<ResponseBody> {
+    let (status, body) = match state {
+        Readiness::Ready => (StatusCode::OK, "ready\n"),
+        other => (StatusCode::SERVICE_UNAVAILABLE, word(other)),
+    };
+    let mut r = Response::new(ResponseBody::new(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
+    *r.status_mut() = status;
+    // A cached "ready" would hide the drain it exists to announce.
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 fn word(r: Readiness) -> &'static str {
