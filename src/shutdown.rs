@@ -67,6 +67,12 @@ impl Shutdown {
         self.reached(Stage::Draining).await
     }
 
+    /// Whether the stage changed since this receiver was made (or the worker is exiting):
+    /// a cheap check that a pending [`Shutdown::reached`] may have resolved.
+    pub(crate) fn moved(&self) -> bool {
+        self.rx.has_changed().unwrap_or(true)
+    }
+
     /// Resolves once the stage is `stage` or later.
     pub(crate) async fn reached(&mut self, stage: Stage) {
         // An Err means the trigger is gone, i.e. the worker is exiting: treat as reached.
