@@ -999,7 +999,10 @@ where
 /// fire once in a connection's life, and re-polling them (registering the same waker again)
 /// cost more than a tenth of a small request. Each is polled only when it may have moved:
 /// the task's waker differs from the one it holds, the timer has elapsed, or the drain's
-/// stage changed.
+/// stage changed. Both are polled outside tokio's cooperative budget: a future polled once
+/// the task's budget is spent returns `Pending` without registering the waker (a `Sleep`
+/// is not even in the timer wheel until then), and counting it as registered would leave
+/// the connection with no timer at all.
 async fn drive<C: Graceful>(
     mut conn: std::pin::Pin<Box<C>>,
     clock: &ConnClock,
@@ -1009,6 +1012,7 @@ async fn drive<C: Graceful>(
     close_at: Stage,
 ) -> hyper::Result<()> {
     use std::task::Poll;
+    use tokio::task::unconstrained;
     let limits = &server.limits;
     let mut closing = false;
     // Cloned before the wait is made, so it sees every change the wait might have missed.
@@ -1024,7 +1028,10 @@ async fn drive<C: Graceful>(
                 return Poll::Ready(r);
             }
             if !closing && (drain_holds.stale(cx) || stage.moved()) {
-                if drained.as_mut().poll(cx).is_ready() {
+                if std::pin::pin!(unconstrained(drained.as_mut()))
+                    .poll(cx)
+                    .is_ready()
+                {
                     closing = true;
                     conn.as_mut().graceful();
                     continue;
@@ -1032,7 +1039,10 @@ async fn drive<C: Graceful>(
                 drain_holds.set(cx);
             }
             if timer_holds.stale(cx) || timer.is_elapsed() {
-                if timer.as_mut().poll(cx).is_pending() {
+                if std::pin::pin!(unconstrained(timer.as_mut()))
+                    .poll(cx)
+                    .is_pending()
+                {
                     timer_holds.set(cx);
                     return Poll::Pending;
                 }
