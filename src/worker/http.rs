@@ -112,9 +112,7 @@ pub fn take_listeners(
 enum Started {
     /// The worker answered it itself (413, 503, a panic in `call`, the readiness probe):
     /// boxed, so that the common case stays a few words; taken when polled.
-    Answered(Box<Response<ResponseBody>>),
-    /// Polled to its end.
-    Done,
+    Answered(Option<Box<Response<ResponseBody>>>),
     /// The service's future.
     Running(
         futures_util::future::LocalBoxFuture<
@@ -260,8 +258,8 @@ impl Server {
 
     /// Starts one request: counts it, applies the body limits, and calls the service (or a
     /// chaos route) at once. Only the service's future is left to await, so the future
-    /// hyper keeps per request is small ([`Server::finish`] completes it); moving a large
-    /// one costs a copy of all of it at every layer.
+    /// hyper keeps per request is small ([`Respond`] completes it); moving a large one
+    /// costs a copy of all of it at every layer.
     fn start(&self, svc: &BoxHttp, req: Request<Incoming>, measured: bool) -> Started {
         if measured {
             self.stats.request_started();
@@ -270,13 +268,13 @@ impl Server {
         // (not when chunked encoding overrides it), zero for no body.
         let declared = req.body().size_hint().exact();
         if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
-            return Started::Answered(Box::new(closing(plain(
+            return Started::Answered(Some(Box::new(closing(plain(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body too large\n",
-            ))));
+            )))));
         }
         if measured && self.ready_path.as_deref() == Some(req.uri().path()) {
-            return Started::Answered(Box::new(ready::answer(self.stats.readiness())));
+            return Started::Answered(Some(Box::new(ready::answer(self.stats.readiness()))));
         }
         let declared = declared.unwrap_or(0);
         if declared > 0 && !self.budget.take(declared) {
@@ -286,13 +284,13 @@ impl Server {
             ));
             r.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            return Started::Answered(Box::new(r));
+            return Started::Answered(Some(Box::new(r)));
         }
         let req = req.map(|body| RequestBody::holding(body, &self.limits, self.budget, declared));
         // A service may panic in `call` itself, before it returns its future.
         match std::panic::catch_unwind(AssertUnwindSafe(|| svc(req))) {
             Ok(fut) => Started::Running(fut),
-            Err(panic) => Started::Answered(Box::new(self.panicked(panic))),
+            Err(panic) => Started::Answered(Some(Box::new(self.panicked(panic)))),
         }
     }
 
@@ -306,8 +304,8 @@ impl Server {
         }
     }
 
-    /// The service's own failure as a response: its error or its panic becomes a 500.
-    fn failed(
+    /// What the service's future came to, as a response: its error or its panic is a 500.
+    fn response_of(
         &self,
         outcome: std::thread::Result<Result<Response<ResponseBody>, crate::server::BoxError>>,
     ) -> Response<ResponseBody> {
@@ -728,15 +726,11 @@ impl std::future::Future for Respond {
             Started::Running(fut) => {
                 match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
                     Ok(Poll::Pending) => return Poll::Pending,
-                    Ok(Poll::Ready(r)) => this.server.failed(Ok(r)),
-                    Err(panic) => this.server.failed(Err(panic)),
+                    Ok(Poll::Ready(r)) => this.server.response_of(Ok(r)),
+                    Err(panic) => this.server.response_of(Err(panic)),
                 }
             }
-            Started::Answered(_) => match std::mem::replace(&mut this.started, Started::Done) {
-                Started::Answered(r) => *r,
-                _ => unreachable!("matched above"),
-            },
-            Started::Done => panic!("Respond polled after it completed"),
+            Started::Answered(r) => *r.take().expect("Respond polled after it completed"),
         };
         this.server.finish(&mut resp, this.version, this.draining);
         let mut meta = this.meta.take().expect("Respond polled after it completed");
