@@ -44,7 +44,14 @@ in the scenarios
 Each run: WARM s of unmeasured load, then DURATION s measured; RUNS runs per server and
 scenario; medians. Per run: req/s, p99, server CPU us/request (utime+stime of the server's
 process tree; the hog and wrk excluded), Jain's fairness over per-worker requests and the
-workers' affinity (mode/Cpus_allowed_list) at the start and end of the measured part (app). Ratios to nginx, to tokio-mt and app-auto/app-pin.
+workers' affinity (mode/Cpus_allowed_list) at the start and end of the measured part (app),
+and how many connections each server process held halfway through (`ss -p`). Ratios to
+nginx, to tokio-mt and app-auto/app-pin.
+
+The connection split matters under -t1: wrk's one thread needs a whole CPU, and two busy
+workers beside it leave it two thirds of one, so a run where one process happened to take
+(nearly) every connection (64/0, as the bare prefork's unbalanced accepts often give) lets
+the client and that worker have a CPU each and is ~1.3x faster than an even split.
 Writes target/bench/pinning.{json,txt}.
 
 Options:
@@ -212,7 +219,7 @@ wait_pinned() { # app-auto: seconds until every worker is pinned again (null: no
 }
 
 run() { # server scenario rep
-    local n=$1 sc=$2 rep=$3 url threads=2 conns=$CONNS pids t0 t1 s0 s1 out w
+    local n=$1 sc=$2 rep=$3 url threads=2 conns=$CONNS pids t0 t1 s0 s1 out w sampler split
     url=http://127.0.0.1:${PORT[$n]}/
     case $sc in t1) threads=1 ;; t1-c256) threads=1; conns=256 ;; esac
     wrk -t"$threads" -c"$conns" -d"${WARM}s" "$url" >/dev/null 2>&1 || true
@@ -220,14 +227,22 @@ run() { # server scenario rep
     t0=$(ticks $pids)
     s0=$(status_workers "$n")
     out=$TMP/$n.$sc.$rep.wrk
+    # Which process holds each connection, once, halfway through: with keep-alive the split
+    # is fixed when wrk connects, and under -t1 it decides the run (see --help).
+    (sleep "$(awk -v d="$DURATION" 'BEGIN { print d / 2 }')"
+        ss -tnpH state established "( sport = :${PORT[$n]} )" >"$out.ss" 2>/dev/null || true) &
+    sampler=$!
     wrk -t"$threads" -c"$conns" -d"${DURATION}s" --timeout 2s -s "$HERE/wrk-report.lua" "$url" >"$out" 2>&1 || true
+    wait "$sampler" || true
+    split=$(grep -o 'pid=[0-9]*' "$out.ss" | sort | uniq -c | awk '{ print $1 }' | jq -sc 'sort | reverse')
+    case $n in tokio-mt) ;; *) split=$(jq -cn --argjson s "$split" --argjson w "$WORKERS" '$s + [range(0; $w - ($s | length)) | 0]') ;; esac
     pids=$(tree "${PID[$n]}")
     t1=$(ticks $pids)
     s1=$(status_workers "$n")
     w=$(sed -n 's/^WRKJSON //p' "$out" | tail -n 1)
     [ -n "$w" ] || { cat "$out" >&2; die "$n $sc: wrk failed"; }
     jq -cn --arg server "$n" --arg sc "$sc" --argjson rep "$rep" --argjson w "$w" --argjson t0 "$t0" --argjson t1 "$t1" \
-        --argjson clk "$CLK_TCK" --argjson s0 "$s0" --argjson s1 "$s1" --argjson threads "$threads" --argjson conns "$conns" '
+        --argjson clk "$CLK_TCK" --argjson s0 "$s0" --argjson s1 "$s1" --argjson threads "$threads" --argjson conns "$conns" --argjson split "$split" '
         def jain: if length == 0 then null else (add) as $s | (map(. * .) | add) as $q
                   | if $q == 0 then null else ($s * $s) / (length * $q) end end;
         ([$s1[] as $b | ($s0[] | select(.id == $b.id and .pid == $b.pid) | .requests) as $a | $b.requests - $a]) as $req
@@ -235,7 +250,7 @@ run() { # server scenario rep
         | {server: $server, scenario: $sc, rep: $rep, wrk_threads: $threads, conns: $conns,
            requests: $w.requests, rps: ($w.requests / ($w.duration_us / 1e6)), p99_ms: ($w.lat_p99_us / 1000),
            errors: $err, cpu_us_per_req: (if $w.requests > 0 then ($t1 - $t0) / $clk * 1e6 / $w.requests else null end),
-           worker_requests: $req, fairness: ($req | jain),
+           worker_requests: $req, fairness: ($req | jain), connections_per_process: $split,
            affinity_start: [$s0[] | "\(.id):\(.affinity // "?")/\(.cpus_allowed // "?")"],
            affinity_end: [$s1[] | "\(.id):\(.affinity // "?")/\(.cpus_allowed // "?")"]}' >>"$RUNS_FILE"
     log "$(tail -n 1 "$RUNS_FILE" | jq -r '"\(.scenario) \(.server) run \(.rep): \(.rps | floor) req/s, p99 \(.p99_ms) ms, \(.cpu_us_per_req * 100 | round / 100) us/req, errors \(.errors)\(if (.affinity_end | length) > 0 then ", fairness \(.fairness // "-" | tostring | .[0:5]), affinity " + (.affinity_end | join(" ")) else "" end)"')"
@@ -289,7 +304,7 @@ jq -s --arg host "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/
     . as $runs
     | ($runs | group_by(.scenario, .server) | map({scenario: .[0].scenario, server: .[0].server, runs: length,
         rps: (map(.rps) | median), p99_ms: (map(.p99_ms) | median), cpu_us_per_req: (map(.cpu_us_per_req) | median),
-        fairness: (map(.fairness) | median), errors: (map(.errors) | add), rps_runs: map(.rps | floor),
+        fairness: (map(.fairness) | median), errors: (map(.errors) | add), rps_runs: map(.rps | floor), split_runs: map(.connections_per_process // [] | map(tostring) | join("/")),
         affinity_end: (last | .affinity_end)})) as $sum
     | def get($sc; $s): first($sum[] | select(.scenario == $sc and .server == $s)) // null;
       {meta: {host: $host, git: $git, duration_s: $dur, warm_s: $warm, runs: $nruns, workers: $workers, repin_after_load_s: $repin, scenarios: $scenarios},
@@ -318,10 +333,10 @@ jq -s --arg host "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/
         (if .repin_after_load_s == null then empty else "app-auto pinned its workers again \(.repin_after_load_s) s after the load before the busy scenario stopped (scenarios \(.scenarios))" end)' "$OUT/pinning.json"
     echo
     jq -r 'def f($d): if . == null then "-" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
-        (["scenario", "server", "req/s", "p99 ms", "CPU us/req", "x nginx", "x tokio-mt", "x app-pin", "x app-none", "x bare", "CPU x nginx", "fairness", "errors", "req/s per run", "affinity at end"] | @tsv),
+        (["scenario", "server", "req/s", "p99 ms", "CPU us/req", "x nginx", "x tokio-mt", "x app-pin", "x app-none", "x bare", "CPU x nginx", "fairness", "errors", "req/s per run", "connections per process, per run", "affinity at end"] | @tsv),
         (.summary | sort_by(.scenario, .server)[] | [.scenario, .server, (.rps | floor), (.p99_ms | f(2)), (.cpu_us_per_req | f(2)),
           (.rps_vs_nginx // "-"), (.rps_vs_tokio_mt // "-"), (.rps_vs_pin // "-"), (.rps_vs_none // "-"), (.rps_vs_bare // "-"), (.cpu_vs_nginx // "-"),
-          (.fairness | f(3)), .errors, (.rps_runs | map(tostring) | join(" ")), ((.affinity_end // []) | join(" ") | if . == "" then "-" else . end)] | @tsv)' "$OUT/pinning.json" |
+          (.fairness | f(3)), .errors, (.rps_runs | map(tostring) | join(" ")), (.split_runs | join(" ")), ((.affinity_end // []) | join(" ") | if . == "" then "-" else . end)] | @tsv)' "$OUT/pinning.json" |
         column -t -s $'\t'
     echo
     echo "-- targets (app-auto)"
