@@ -219,7 +219,7 @@ wait_pinned() { # app-auto: seconds until every worker is pinned again (null: no
 }
 
 run() { # server scenario rep
-    local n=$1 sc=$2 rep=$3 url threads=2 conns=$CONNS pids t0 t1 s0 s1 out w sampler split
+    local n=$1 sc=$2 rep=$3 url threads=2 conns=$CONNS pids t0 t1 s0 s1 out w sampler procs split
     url=http://127.0.0.1:${PORT[$n]}/
     case $sc in t1) threads=1 ;; t1-c256) threads=1; conns=256 ;; esac
     wrk -t"$threads" -c"$conns" -d"${WARM}s" "$url" >/dev/null 2>&1 || true
@@ -234,8 +234,11 @@ run() { # server scenario rep
     sampler=$!
     wrk -t"$threads" -c"$conns" -d"${DURATION}s" --timeout 2s -s "$HERE/wrk-report.lua" "$url" >"$out" 2>&1 || true
     wait "$sampler" || true
-    split=$(grep -o 'pid=[0-9]*' "$out.ss" | sort | uniq -c | awk '{ print $1 }' | jq -sc 'sort | reverse')
-    case $n in tokio-mt) ;; *) split=$(jq -cn --argjson s "$split" --argjson w "$WORKERS" '$s + [range(0; $w - ($s | length)) | 0]') ;; esac
+    # Connections per process, largest first; a prefork's idle workers hold none and are not
+    # in the sample, so its list is padded with zeros to the pool's size.
+    case $n in tokio-mt) procs=1 ;; *) procs=$WORKERS ;; esac
+    split=$(jq -Rsc --argjson procs "$procs" '[scan("pid=([0-9]+)") | .[0]] | group_by(.) | map(length)
+        | sort | reverse | . + [range(0; $procs - length) | 0]' "$out.ss")
     pids=$(tree "${PID[$n]}")
     t1=$(ticks $pids)
     s1=$(status_workers "$n")
